@@ -1,0 +1,124 @@
+"""Everything that differs between megatron-core 0.16 and 0.19, in one module.
+
+- MoE layer specs: 0.16 wraps ``MoELayer`` in a ``ModuleSpec``; 0.17+ in ``functools.partial``.
+- Router builders: 0.17+ pass ``is_mtp_layer`` to the router; 0.16 does not.
+- MoE metrics: 0.16 has a dict tracker (``save_to_aux_losses_tracker``/``track_moe_metrics``),
+  0.17+ a ``MoEMetricsTracker`` object (``moe_logging.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from packaging.version import Version
+
+from megatron.core import package_info
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+MCORE_VERSION = Version(package_info.__version__)
+SUPPORTED = (Version("0.16.0"), Version("0.20.0"))
+
+
+def check_version() -> None:
+    low, high = SUPPORTED
+    if not (low <= MCORE_VERSION < high):
+        raise RuntimeError(f"megatron-core {MCORE_VERSION} is not supported; install "
+                           f"megatron-core>={low},<{high}")
+
+
+def is_moe_spec(mlp_spec: Any) -> bool:
+    """Whether a layer's ``mlp`` spec builds Megatron's MoELayer (either spec style)."""
+    if isinstance(mlp_spec, functools.partial):
+        return isinstance(mlp_spec.func, type) and issubclass(mlp_spec.func, MoELayer)
+    if isinstance(mlp_spec, ModuleSpec):
+        return isinstance(mlp_spec.module, type) and issubclass(mlp_spec.module, MoELayer)
+    return False
+
+
+def moe_submodules(mlp_spec: Any) -> MoESubmodules:
+    if isinstance(mlp_spec, functools.partial):
+        return mlp_spec.keywords["submodules"]
+    return mlp_spec.submodules
+
+
+def replace_moe_submodules(mlp_spec: Any, **changes: Any) -> Any:
+    """A copy of an MoE ``mlp`` spec with ``MoESubmodules`` fields replaced (router, experts, ...)."""
+    new_sub = dataclasses.replace(moe_submodules(mlp_spec), **changes)
+    if isinstance(mlp_spec, functools.partial):
+        return functools.partial(mlp_spec.func, *mlp_spec.args, **{**mlp_spec.keywords, "submodules": new_sub})
+    return dataclasses.replace(mlp_spec, submodules=new_sub)
+
+
+def router_builder(router_cls: type, **bound: Any):
+    """A ``MoESubmodules.router`` builder for ``router_cls`` that accepts every version's kwargs."""
+
+    def build(*, config, pg_collection=None, **kwargs):
+        return router_cls(config=config, pg_collection=pg_collection, **bound, **kwargs)
+
+    build.router_cls = router_cls
+    return build
+
+
+# --------------------------------------------------------------------------- MoE metric tracker
+
+def _has_metrics_tracker() -> bool:
+    try:
+        import megatron.core.transformer.moe.moe_logging  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_METRICS_TRACKER = _has_metrics_tracker()
+
+
+def report_megatron_moe_losses(*, loss_scale: float, iteration: int, writer, track_names: list[str],
+                               num_layers: int, moe_layer_freq, per_layer_logging: bool) -> dict:
+    """Reduce and report Megatron's own MoE losses (load balancing, z-loss) and clear its tracker.
+
+    Returns ``{name: value averaged over MoE layers}``; writes TensorBoard scalars when ``writer``.
+    """
+    import torch
+
+    totals: dict[str, torch.Tensor] = {}
+    if HAS_METRICS_TRACKER:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        get_moe_metrics_tracker().report(
+            loss_scale=loss_scale, iteration=iteration, writer=writer,
+            per_layer_logging=per_layer_logging, force_initialize=True, track_names=track_names,
+            num_layers=num_layers, moe_layer_freq=moe_layer_freq, total_loss_dict=totals)
+    else:
+        from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+        _average_z_loss_over_tp_dp_cp()
+        track_moe_metrics(
+            loss_scale=loss_scale, iteration=iteration, writer=writer, total_loss_dict=totals,
+            per_layer_logging=per_layer_logging, force_initialize=True, track_names=track_names,
+            num_layers=num_layers, moe_layer_freq=moe_layer_freq)
+    return {k: float(v) for k, v in totals.items()}
+
+
+def _average_z_loss_over_tp_dp_cp() -> None:
+    """0.16 records ``z_loss`` without a reduction group, so its logged value is one rank's.
+    0.17+ averages it over TP x DP x CP; give 0.16 the same group (logging only)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get("z_loss")
+    if entry is not None and entry.get("avg_group") is None:
+        entry["avg_group"] = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
+def clear_megatron_moe_tracker() -> None:
+    if HAS_METRICS_TRACKER:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        get_moe_metrics_tracker().clear()
+    else:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()

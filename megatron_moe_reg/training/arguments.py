@@ -1,0 +1,367 @@
+"""Pretraining options: typed groups, flags named as in Megatron-LM, one validation pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_moe_reg.config import PluginConfig
+from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.training import flags
+
+
+def opt(default, help: str = "", **meta):
+    """A dataclass field with flag metadata."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class ModelArgs:
+    num_layers: int = opt(4, "number of transformer layers")
+    hidden_size: int = opt(256, "transformer hidden size")
+    num_attention_heads: int = opt(4, "attention heads")
+    num_query_groups: Optional[int] = opt(None, "query groups for grouped-query attention")
+    ffn_hidden_size: Optional[int] = opt(None, "dense MLP hidden size (default 4*hidden)")
+    kv_channels: Optional[int] = opt(None, "projection size per head (default hidden/heads)")
+    seq_length: int = opt(256, "training sequence length")
+    max_position_embeddings: Optional[int] = opt(None, "default --seq-length")
+    normalization: str = opt("RMSNorm", "normalization layer", choices=["RMSNorm", "LayerNorm"])
+    norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
+    swiglu: bool = opt(True, "SwiGLU MLPs (--no-swiglu: GELU)")
+    add_bias_linear: bool = opt(False, "biases in linear layers", negative="--disable-bias-linear")
+    position_embedding_type: str = opt("rope", "position embedding", choices=["rope", "learned_absolute"])
+    rotary_base: int = opt(10000, "RoPE base")
+    untie_embeddings_and_output_weights: bool = opt(False, "separate output projection")
+    init_method_std: float = opt(0.02, "std of the normal initialisation")
+    hidden_dropout: float = opt(0.0, "dropout after attention/MLP")
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities")
+    vocab_size: Optional[int] = opt(None, "vocabulary size for --tokenizer-type NullTokenizer")
+    make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this")
+    transformer_impl: str = opt("auto", "layer implementation (auto: TE when installed and on GPU)",
+                                choices=["auto", "local", "transformer_engine"])
+
+
+@dataclass
+class MoEArgs:
+    num_experts: Optional[int] = opt(8, "routed experts per MoE layer")
+    moe_ffn_hidden_size: Optional[int] = opt(None, "expert hidden size (default --ffn-hidden-size)")
+    moe_router_topk: int = opt(2, "experts per token")
+    moe_layer_freq: object = opt(1, "MoE every N layers, or a 0/1 pattern such as [1,0,1,0]",
+                                 parser="int_or_list")
+    moe_router_load_balancing_type: str = opt(
+        "aux_loss", "Megatron balancing loss",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
+    moe_aux_loss_coeff: float = opt(1e-2, "load-balancing loss coefficient")
+    moe_z_loss_coeff: Optional[float] = opt(None, "router z-loss coefficient")
+    moe_router_score_function: str = opt("softmax", "router score function",
+                                         choices=["softmax", "sigmoid"])
+    moe_router_pre_softmax: bool = opt(False, "softmax before top-k")
+    moe_router_topk_scaling_factor: Optional[float] = opt(None, "scale of the top-k probabilities")
+    moe_router_enable_expert_bias: bool = opt(False, "aux-loss-free expert bias (sigmoid scores)")
+    moe_router_bias_update_rate: float = opt(1e-3, "expert bias update rate")
+    moe_router_num_groups: Optional[int] = opt(None, "groups for group-limited routing")
+    moe_router_group_topk: Optional[int] = opt(None, "groups selected per token")
+    moe_router_dtype: Optional[str] = opt("fp32", "router compute dtype", choices=["fp32", "fp64"])
+    moe_input_jitter_eps: Optional[float] = opt(None, "router input jitter")
+    moe_expert_capacity_factor: Optional[float] = opt(None, "token-dropping capacity factor")
+    moe_token_dispatcher_type: str = opt("allgather", "token dispatcher",
+                                         choices=["allgather", "alltoall"])
+    moe_shared_expert_intermediate_size: Optional[int] = opt(None, "shared expert hidden size")
+    moe_shared_expert_overlap: bool = opt(False, "overlap shared expert with dispatch")
+    moe_grouped_gemm: bool = opt(False, "TE grouped GEMM experts (needs TransformerEngine)")
+    moe_per_layer_logging: bool = opt(True, "log MoE losses per layer to TensorBoard")
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = opt(1, "tensor-parallel size")
+    pipeline_model_parallel_size: int = opt(1, "pipeline-parallel size")
+    expert_model_parallel_size: int = opt(1, "expert-parallel size")
+    expert_tensor_parallel_size: Optional[int] = opt(None, "expert tensor-parallel size (default TP)")
+    context_parallel_size: int = opt(1, "context-parallel size (needs TransformerEngine)")
+    sequence_parallel: bool = opt(False, "sequence parallelism (with TP>1)")
+    use_distributed_optimizer: Optional[bool] = opt(None, "shard optimizer state over DP (default: on GPU)")
+    overlap_grad_reduce: bool = opt(False, "overlap DP gradient reduce with backward (GPU)")
+    recompute_granularity: Optional[str] = opt(None, "activation recompute", choices=["full", "selective"])
+    recompute_method: Optional[str] = opt(None, "full recompute method", choices=["uniform", "block"])
+    recompute_num_layers: Optional[int] = opt(None, "layers per recompute unit")
+    recompute_modules: Optional[list[str]] = opt(None, "selective recompute modules, e.g. moe moe_act")
+    distributed_backend: str = opt("auto", "process-group backend (auto: nccl on GPU, gloo on CPU)",
+                                   choices=["auto", "nccl", "gloo"])
+
+
+@dataclass
+class TrainArgs:
+    micro_batch_size: int = opt(4, "sequences per micro-batch per DP rank")
+    global_batch_size: Optional[int] = opt(None, "sequences per step (default micro-batch x DP)")
+    train_iters: int = opt(100, "optimizer steps")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-4, "final learning rate")
+    lr_warmup_iters: int = opt(10, "linear warmup steps")
+    lr_decay_iters: Optional[int] = opt(None, "decay steps (default --train-iters)")
+    lr_decay_style: str = opt("cosine", "decay schedule", choices=["cosine", "linear", "constant"])
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.95, "Adam beta2")
+    adam_eps: float = opt(1e-8, "Adam epsilon")
+    clip_grad: float = opt(1.0, "gradient clipping norm (0: off)")
+    bf16: bool = opt(False, "bf16 mixed precision")
+    calculate_per_token_loss: bool = opt(False, "normalise the loss by the global token count")
+    seed: int = opt(1234, "random seed")
+    exit_interval: Optional[int] = opt(None, "stop after the iteration divisible by this")
+
+
+@dataclass
+class DataArgs:
+    data_path: Optional[list[str]] = opt(None, "dataset prefixes, optionally weighted: [w1] p1 [w2] p2")
+    split: str = opt("969,30,1", "train,valid,test split of --data-path")
+    train_data_path: Optional[list[str]] = opt(None, "training dataset prefixes")
+    valid_data_path: Optional[list[str]] = opt(None, "validation dataset prefixes")
+    test_data_path: Optional[list[str]] = opt(None, "test dataset prefixes")
+    mock_data: bool = opt(False, "random tokens instead of a dataset")
+    tokenizer_type: str = opt("SentencePieceTokenizer", "tokenizer",
+                              choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "NullTokenizer"])
+    tokenizer_model: Optional[str] = opt(None, "SentencePiece model file")
+    data_cache_path: Optional[str] = opt(None, "where dataset index caches are written")
+    num_workers: int = opt(0, "data-loader worker processes")
+
+
+@dataclass
+class EvalArgs:
+    eval_iters: int = opt(10, "validation batches per evaluation")
+    eval_interval: int = opt(100, "evaluate every N steps (0: only at the end)")
+
+
+@dataclass
+class CheckpointArgs:
+    save: Optional[str] = opt(None, "checkpoint directory to write")
+    load: Optional[str] = opt(None, "checkpoint directory to resume from")
+    save_interval: Optional[int] = opt(None, "save every N steps (and at the end)")
+    no_load_optim: bool = opt(False, "do not load optimizer state")
+    no_load_rng: bool = opt(False, "do not load RNG state")
+    finetune: bool = opt(False, "load weights only and start at iteration 0")
+    ckpt_format: str = opt("torch_dist", "checkpoint format", choices=["torch_dist"])
+
+
+@dataclass
+class LoggingArgs:
+    log_interval: int = opt(10, "console/TensorBoard interval in steps")
+    tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")
+    progress_bar: bool = opt(True, "progress bar on rank 0")
+    log_file: Optional[str] = opt(None, "also write per-step metrics as JSON lines here")
+
+
+GROUPS: tuple[tuple[str, type, str], ...] = (
+    ("model", ModelArgs, "model"),
+    ("moe", MoEArgs, "mixture of experts"),
+    ("parallel", ParallelArgs, "parallelism"),
+    ("train", TrainArgs, "training"),
+    ("data", DataArgs, "data"),
+    ("eval", EvalArgs, "evaluation"),
+    ("ckpt", CheckpointArgs, "checkpointing"),
+    ("log", LoggingArgs, "logging"),
+    ("plugin", PluginConfig, "megatron-moe-reg"),
+)
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs
+    moe: MoEArgs
+    parallel: ParallelArgs
+    train: TrainArgs
+    data: DataArgs
+    eval: EvalArgs
+    ckpt: CheckpointArgs
+    log: LoggingArgs
+    plugin: PluginConfig
+    world_size: int = 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        p = self.parallel
+        return self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                   * p.context_parallel_size)
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size)
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name, _, _ in GROUPS}
+
+
+def build_parser(prog: str = "moe-reg pretrain") -> flags.OneLineErrorParser:
+    parser = flags.OneLineErrorParser(prog=prog, description="Pretrain a GPT-MoE on megatron-core.")
+    parser.add_argument("--config", help="TOML file of options (flag names as keys); flags override it")
+    for _, cls, title in GROUPS:
+        flags.add_dataclass_flags(parser, cls, title)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> RunConfig:
+    """Parse flags (and ``--config``), fill derived defaults and validate. Raises ConfigError."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    values = {}
+    if ns.config:
+        values.update(flags.load_config_file(ns.config, [cls for _, cls, _ in GROUPS]))
+    values.update({k: v for k, v in vars(ns).items() if k != "config"})
+    groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in GROUPS}
+    ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = RunConfig(**groups, world_size=ws)
+    finalize(cfg)
+    return cfg
+
+
+def finalize(cfg: RunConfig) -> None:
+    """Fill defaults that depend on other options, then validate everything."""
+    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    validate_parallel(cfg)
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = 4 * m.hidden_size
+    if moe.moe_ffn_hidden_size is None:
+        moe.moe_ffn_hidden_size = m.ffn_hidden_size
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    if p.expert_tensor_parallel_size is None:
+        p.expert_tensor_parallel_size = p.tensor_model_parallel_size
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * cfg.data_parallel_size
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = t.train_iters
+    validate(cfg)
+    cfg.plugin.validate(cfg)
+
+
+def validate_parallel(cfg: RunConfig) -> None:
+    p, ws = cfg.parallel, cfg.world_size
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "context_parallel_size"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"{flags.flag_name(name)} must be >= 1")
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if ws % model_parallel:
+        raise ConfigError(
+            f"world size {ws} is not divisible by --tensor-model-parallel-size x "
+            f"--pipeline-model-parallel-size x --context-parallel-size = {model_parallel}; "
+            "change the parallel sizes or the number of processes")
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    expert_group = p.expert_model_parallel_size * etp
+    if (ws // p.pipeline_model_parallel_size) % expert_group:
+        raise ConfigError(
+            f"--expert-model-parallel-size {p.expert_model_parallel_size} x --expert-tensor-parallel-size "
+            f"{etp} (default: --tensor-model-parallel-size) does not divide the "
+            f"{ws // p.pipeline_model_parallel_size} ranks of a pipeline stage; change the expert "
+            "parallel sizes or the number of processes")
+
+
+def _check_prefixes(flag: str, entries: Optional[list[str]]) -> None:
+    """Every dataset prefix in a (possibly weighted) list must have .bin and .idx files."""
+    for entry in entries or []:
+        try:
+            float(entry)
+            continue  # a blend weight
+        except ValueError:
+            pass
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(entry + suffix):
+                raise ConfigError(f"{flag} {entry}: {entry}{suffix} not found (give the dataset prefix "
+                                  "without .bin/.idx, as written by 'moe-reg prepare-data')")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Input files named by flags exist (checked before any process group or model is built)."""
+    d = cfg.data
+    if d.tokenizer_model and not os.path.isfile(d.tokenizer_model):
+        raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: file not found")
+    if d.mock_data:
+        return
+    for flag, entries in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
+                          ("--valid-data-path", d.valid_data_path), ("--test-data-path", d.test_data_path)):
+        _check_prefixes(flag, entries)
+    if cfg.ckpt.load and not os.path.isdir(cfg.ckpt.load) and cfg.ckpt.load != cfg.ckpt.save:
+        raise ConfigError(f"--load {cfg.ckpt.load}: directory not found")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-option checks. Each message names the flag and says how to fix it."""
+    m, moe, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
+    positive = {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
+                "num_attention_heads": m.num_attention_heads, "seq_length": m.seq_length,
+                "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
+                "moe_router_topk": moe.moe_router_topk, "log_interval": cfg.log.log_interval}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{flags.flag_name(name)} must be >= 1, got {value}")
+    if t.train_iters < 0:
+        raise ConfigError(f"--train-iters must be >= 0, got {t.train_iters}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                          f"{m.num_attention_heads}")
+    if moe.num_experts is not None:
+        if moe.num_experts < 1:
+            raise ConfigError(f"--num-experts must be >= 1, got {moe.num_experts}")
+        if moe.moe_router_topk > moe.num_experts:
+            raise ConfigError(f"--moe-router-topk {moe.moe_router_topk} exceeds --num-experts "
+                              f"{moe.num_experts}; choose a top-k <= the number of experts")
+        if moe.num_experts % p.expert_model_parallel_size:
+            raise ConfigError(f"--num-experts {moe.num_experts} is not divisible by "
+                              f"--expert-model-parallel-size {p.expert_model_parallel_size}; choose an "
+                              "EP size that divides the number of experts")
+        if isinstance(moe.moe_layer_freq, list) and len(moe.moe_layer_freq) != m.num_layers:
+            raise ConfigError(f"--moe-layer-freq has {len(moe.moe_layer_freq)} entries but "
+                              f"--num-layers is {m.num_layers}; give one 0/1 per layer")
+        if isinstance(moe.moe_layer_freq, int) and moe.moe_layer_freq < 1:
+            raise ConfigError("--moe-layer-freq must be >= 1 or a 0/1 list")
+        if moe.moe_router_topk == 1 and moe.moe_router_score_function == "softmax" \
+                and not moe.moe_router_pre_softmax:
+            raise ConfigError("--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax")
+        if moe.moe_router_enable_expert_bias and moe.moe_router_score_function == "softmax":
+            raise ConfigError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid")
+        if moe.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {moe.moe_aux_loss_coeff}")
+        if moe.moe_z_loss_coeff is not None and moe.moe_z_loss_coeff < 0:
+            raise ConfigError(f"--moe-z-loss-coeff must be >= 0, got {moe.moe_z_loss_coeff}")
+    tp = p.tensor_model_parallel_size
+    if tp > 1 and moe.num_experts and not p.sequence_parallel:
+        raise ConfigError("MoE training with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if p.sequence_parallel and m.seq_length % tp:
+        raise ConfigError(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp}")
+    if m.num_layers % p.pipeline_model_parallel_size:
+        raise ConfigError(f"--num-layers {m.num_layers} is not divisible by "
+                          f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
+    per_step = t.micro_batch_size * cfg.data_parallel_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by "
+                          f"--micro-batch-size x data-parallel size = {per_step}")
+    if t.lr_warmup_iters >= t.lr_decay_iters:
+        raise ConfigError(f"--lr-warmup-iters {t.lr_warmup_iters} must be smaller than --lr-decay-iters "
+                          f"{t.lr_decay_iters} (default: --train-iters); lower the warmup or set "
+                          "--lr-decay-iters")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"--min-lr {t.min_lr} exceeds --lr {t.lr}")
+    if not d.mock_data and not d.data_path and not d.train_data_path:
+        raise ConfigError("--data-path (or --train-data-path) is required; pass --mock-data to train "
+                          "on random tokens, or build a dataset with 'moe-reg prepare-data'")
+    if d.data_path and d.train_data_path:
+        raise ConfigError("give either --data-path with --split, or --train-data-path/--valid-data-path")
+    if not d.mock_data and d.tokenizer_type != "NullTokenizer" and not d.tokenizer_model:
+        raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model (the .model "
+                          "file written by 'moe-reg prepare-data')")
+    if d.tokenizer_type == "NullTokenizer" or (d.mock_data and not d.tokenizer_model):
+        if m.vocab_size is None:
+            raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer")
+    check_paths(cfg)
+    if cfg.ckpt.save_interval is not None and cfg.ckpt.save_interval < 1:
+        raise ConfigError("--save-interval must be >= 1")
+    if cfg.ckpt.save_interval and not cfg.ckpt.save:
+        raise ConfigError("--save-interval needs --save DIR")
+    if p.recompute_granularity == "full" and p.recompute_method is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method uniform|block")

@@ -1,0 +1,165 @@
+"""dist_checkpointing (torch_dist) save/resume in Megatron-LM's directory layout.
+
+``{save}/iter_{iteration:07d}/`` holds one checkpoint; ``{save}/latest_checkpointed_iteration.txt``
+names the newest. Model and optimizer state are sharded tensors keyed by global names
+(experts by their global index), so a checkpoint loads under other TP/EP/PP/DP layouts.
+A checkpoint is written into ``iter_N.partial`` and renamed only once every rank is done,
+so an interrupted save never replaces or corrupts an earlier one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.training.distributed import print_rank0
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# Options that must match between the checkpoint and the run that loads it.
+ARCHITECTURE_KEYS = {
+    "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "kv_channels", "normalization", "swiglu", "add_bias_linear", "position_embedding_type",
+              "untie_embeddings_and_output_weights"),
+    "moe": ("num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size"),
+}
+
+
+def iteration_dir(root: str, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str) -> int | None:
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _parallel_layout(cfg) -> dict:
+    p = cfg.parallel
+    return {"world_size": cfg.world_size, "tp": p.tensor_model_parallel_size,
+            "pp": p.pipeline_model_parallel_size, "ep": p.expert_model_parallel_size,
+            "etp": p.expert_tensor_parallel_size, "cp": p.context_parallel_size}
+
+
+def _rng_state() -> dict:
+    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object() -> ShardedObject:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+
+
+def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
+    """Write the model, optimizer, scheduler, RNG and run state of ``iteration`` under ``--save``."""
+    root = ctx.cfg.ckpt.save
+    final = iteration_dir(root, iteration)
+    partial = final.with_name(final.name + ".partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    model_sd = ctx.gpt_model.sharded_state_dict()
+    state: dict[str, Any] = {
+        "model": model_sd,
+        "optimizer": ctx.optimizer.sharded_state_dict(model_sd, is_loading=False,
+                                                      metadata=OPTIMIZER_METADATA),
+        "rng_state": _rng_sharded_object(),
+        "opt_param_scheduler": ctx.scheduler.state_dict(),
+        "iteration": iteration,
+        "consumed_train_samples": consumed_samples,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "moe_reg_config": ctx.cfg.to_dict(),
+        "parallel_layout": _parallel_layout(ctx.cfg),
+    }
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        tmp = Path(root) / (TRACKER_FILE + ".tmp")
+        tmp.write_text(str(iteration))
+        os.replace(tmp, Path(root) / TRACKER_FILE)
+    dist.barrier()
+    print_rank0(f"saved checkpoint at iteration {iteration} to {final}")
+    return final
+
+
+def _check_architecture(saved: dict, cfg, path: Path) -> None:
+    current = cfg.to_dict()
+    for group, keys in ARCHITECTURE_KEYS.items():
+        for key in keys:
+            old, new = saved.get(group, {}).get(key), current[group][key]
+            if old != new:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"--load {path}: the checkpoint was written with {flag} {old}, this run "
+                                  f"has {new}; use the checkpoint's value")
+
+
+def load_checkpoint(ctx) -> tuple[int, int]:
+    """Load ``--load`` into the model (and optimizer, scheduler, RNG). Returns (iteration, consumed)."""
+    ck = ctx.cfg.ckpt
+    iteration = latest_iteration(ck.load)
+    if iteration is None:
+        if ck.load == ck.save:  # resuming into the same directory: nothing written yet
+            print_rank0(f"no checkpoint in {ck.load}; starting from scratch")
+            return 0, 0
+        raise ConfigError(f"--load {ck.load}: no {TRACKER_FILE} found (not a checkpoint directory)")
+    path = iteration_dir(ck.load, iteration)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    _check_architecture(common.get("moe_reg_config", {}), ctx.cfg, path)
+
+    model_sd = ctx.gpt_model.sharded_state_dict()
+    request: dict[str, Any] = {"model": model_sd}
+    load_optim = not (ck.no_load_optim or ck.finetune)
+    if load_optim:
+        request["optimizer"] = ctx.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                metadata=OPTIMIZER_METADATA)
+    same_layout = common.get("parallel_layout") == _parallel_layout(ctx.cfg)
+    load_rng = not (ck.no_load_rng or ck.finetune) and same_layout
+    if load_rng:
+        request["rng_state"] = _rng_sharded_object()
+    elif not same_layout:
+        print_rank0("checkpoint was written with another parallel layout: RNG state not restored")
+    state = dist_checkpointing.load(request, str(path))
+    ctx.gpt_model.load_state_dict(state["model"], strict=True)
+    if load_optim:
+        ctx.optimizer.load_state_dict(state["optimizer"])
+        ctx.scheduler.load_state_dict(common["opt_param_scheduler"])
+    else:
+        ctx.optimizer.reload_model_params()
+    if load_rng:
+        _set_rng_state(state["rng_state"].data if hasattr(state["rng_state"], "data") else state["rng_state"])
+    print_rank0(f"loaded checkpoint {path}")
+    if ck.finetune:
+        return 0, 0
+    return int(common["iteration"]), int(common["consumed_train_samples"])

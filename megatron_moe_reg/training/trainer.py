@@ -1,0 +1,157 @@
+"""Pretraining on megatron-core: setup (model, optimizer, data) and the training loop."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_moe_reg.integration import compat
+from megatron_moe_reg.training import checkpointing, distributed, model as model_lib
+from megatron_moe_reg.training.arguments import RunConfig
+from megatron_moe_reg.training.data import build_datasets, make_loader, needs_data
+from megatron_moe_reg.training.reporting import Reporter
+from megatron_moe_reg.training.step import TrainingContext, evaluate, train_step
+from megatron_moe_reg.training.tokenizer import build_tokenizer
+
+_AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                   "global_aux_loss": "global_load_balancing_loss"}
+
+
+def build_optimizer(cfg: RunConfig, model_chunks: list):
+    t = cfg.train
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=model_chunks[0].config.params_dtype,
+        use_distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
+    ), model_chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.lr_decay_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
+        end_wd=t.weight_decay, wd_incr_steps=max(t.train_iters, 1), wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def setup(cfg: RunConfig, router=None, experts=None) -> TrainingContext:
+    """Initialize parallel state and build tokenizer, model, optimizer, scheduler and datasets."""
+    compat.check_version()
+    distributed.initialize(cfg)
+    use_te = model_lib.use_transformer_engine(cfg)
+    tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size)
+    config = model_lib.transformer_config(cfg, use_te)
+    gpt = model_lib.build_gpt_model(cfg, config, tokenizer.vocab_size, use_te, router=router, experts=experts)
+    chunks = model_lib.wrap_model(cfg, config, gpt)
+    optimizer, scheduler = build_optimizer(cfg, chunks)
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = chunks[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    if cfg.parallel.overlap_grad_reduce:
+        config.grad_sync_func = chunks[0].start_grad_sync
+    datasets = build_datasets(cfg, tokenizer) if needs_data() else (None, None, None)
+    _print_summary(cfg, config, gpt, tokenizer, use_te)
+    return TrainingContext(cfg=cfg, config=config, model=chunks, gpt_model=gpt, optimizer=optimizer,
+                           scheduler=scheduler, tokenizer=tokenizer, datasets=datasets)
+
+
+def _print_summary(cfg: RunConfig, config, gpt, tokenizer, use_te: bool) -> None:
+    from megatron.core import parallel_state as ps
+
+    from megatron_moe_reg.integration import cpu_runtime
+
+    total, expert = model_lib.count_parameters(gpt)
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+    device = ("GPU (nccl)" if distributed.on_gpu()
+              else "CPU (gloo, CPU runtime layer)" if cpu_runtime.is_active() else "CPU")
+    n_moe = sum(1 for layer in range(m.num_layers)
+                if (moe.moe_layer_freq[layer] if isinstance(moe.moe_layer_freq, list)
+                    else layer % moe.moe_layer_freq == 0)) if moe.num_experts else 0
+    active = total - expert + (expert * moe.moe_router_topk // moe.num_experts if moe.num_experts else 0)
+    distributed.print_rank0(
+        f"megatron-core {compat.MCORE_VERSION} | {device} | "
+        f"{'TransformerEngine' if use_te else 'local'} spec\n"
+        f"world {cfg.world_size}: TP {p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} "
+        f"EP {p.expert_model_parallel_size} ETP {p.expert_tensor_parallel_size} "
+        f"CP {p.context_parallel_size} DP {ps.get_data_parallel_world_size()}"
+        f"{' SP' if p.sequence_parallel else ''}\n"
+        f"GPT-MoE: {m.num_layers} layers ({n_moe} MoE, {moe.num_experts or 0} experts, top-{moe.moe_router_topk}"
+        f"{', dispatcher ' + moe.moe_token_dispatcher_type if moe.num_experts else ''}), hidden {m.hidden_size}, "
+        f"vocab {tokenizer.vocab_size} | parameters {total / 1e6:.2f}M, active per token {active / 1e6:.2f}M\n"
+        f"global batch {cfg.train.global_batch_size} x {m.seq_length} tokens, "
+        f"{cfg.num_microbatches} micro-batch(es) of {cfg.train.micro_batch_size}, {cfg.train.train_iters} steps")
+
+
+def megatron_moe_track_names(cfg: RunConfig) -> list[str]:
+    moe = cfg.moe
+    names = []
+    if moe.moe_aux_loss_coeff > 0 and moe.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
+        names.append(_AUX_LOSS_NAMES[moe.moe_router_load_balancing_type])
+    if moe.moe_z_loss_coeff:
+        names.append("z_loss")
+    return names
+
+
+def _report_moe(ctx: TrainingContext, iteration: int, writer) -> dict:
+    cfg = ctx.cfg
+    if not cfg.moe.num_experts:
+        return {}
+    names = megatron_moe_track_names(cfg)
+    if not names:
+        compat.clear_megatron_moe_tracker()
+        return {}
+    return compat.report_megatron_moe_losses(
+        loss_scale=1.0 / cfg.num_microbatches, iteration=iteration, writer=writer, track_names=names,
+        num_layers=ctx.config.num_layers, moe_layer_freq=ctx.config.moe_layer_freq,
+        per_layer_logging=cfg.moe.moe_per_layer_logging)
+
+
+def _valid_iterator_factory(ctx: TrainingContext):
+    valid = ctx.datasets[1]
+    if valid is None and needs_data():
+        return None
+
+    def make():
+        return iter(make_loader(valid, ctx.cfg)) if needs_data() else None
+
+    return make
+
+
+def train(ctx: TrainingContext) -> dict:
+    """The training loop. Returns the last step's metrics and the last validation result."""
+    cfg = ctx.cfg
+    iteration, consumed = checkpointing.load_checkpoint(ctx) if cfg.ckpt.load else (0, 0)
+    train_iter = iter(make_loader(ctx.datasets[0], cfg, consumed)) if needs_data() else None
+    make_valid = _valid_iterator_factory(ctx)
+    reporter = Reporter(cfg, iteration)
+    last: dict = {}
+    validation: Optional[dict] = None
+    saved_at = None
+    try:
+        while iteration < cfg.train.train_iters:
+            started = time.time()
+            metrics = train_step(ctx, train_iter)
+            metrics.update(_report_moe(ctx, iteration + 1, reporter.writer))
+            iteration += 1
+            consumed += cfg.train.global_batch_size
+            reporter.step(iteration, metrics, time.time() - started)
+            last = metrics
+            if make_valid and cfg.eval.eval_interval and iteration % cfg.eval.eval_interval == 0 \
+                    and iteration < cfg.train.train_iters:
+                validation = evaluate(ctx, make_valid, cfg.eval.eval_iters)
+                reporter.evaluation(iteration, validation)
+            if cfg.ckpt.save and cfg.ckpt.save_interval and iteration % cfg.ckpt.save_interval == 0:
+                checkpointing.save_checkpoint(ctx, iteration, consumed)
+                saved_at = iteration
+            if cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0:
+                break
+        if make_valid and cfg.eval.eval_iters > 0:
+            validation = evaluate(ctx, make_valid, cfg.eval.eval_iters)
+            reporter.evaluation(iteration, validation)
+        if cfg.ckpt.save and saved_at != iteration:
+            checkpointing.save_checkpoint(ctx, iteration, consumed)
+    finally:
+        reporter.close()
+    return {"iteration": iteration, "train": last, "validation": validation}
