@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_moe_reg.errors import ConfigError
@@ -56,6 +56,86 @@ def _parallel_layout(cfg) -> dict:
             "etp": p.expert_tensor_parallel_size, "cp": p.context_parallel_size}
 
 
+# ----------------------------------------------------------------------------- optimizer state
+#
+# Megatron's optimizer state dict has a layout-specific structure: at EP=1 expert weights are
+# ordinary data-parallel parameters (one optimizer); at EP>1 they get their own optimizer
+# (a ChainedOptimizer), and the distributed optimizer nests everything differently again.
+# Its sharded tensors, however, are named by global parameter keys and offsets. The checkpoint
+# therefore stores only those tensors (a flat map with no layout-specific structure) and the
+# Adam step; loading requests the current optimizer's own tensors, which dist_checkpointing
+# finds by global key and offset whatever layout wrote them.
+
+def _walk(node: Any, path: tuple = ()):
+    """Yield (path, value) for the leaves of nested dicts/lists."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, path + (i,))
+    else:
+        yield path, node
+
+
+def _set_path(node: Any, path: tuple, value: Any) -> None:
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+
+
+def _optimizer_structure(optimizer, model_sd, is_loading: bool):
+    structure = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    leaves = [(path, v) for path, v in _walk(structure) if isinstance(v, ShardedBase)]
+    return structure, leaves
+
+
+def _torch_optimizer_dicts(node: Any):
+    """The torch-optimizer-style dicts (with 'state' and 'param_groups') inside a structure."""
+    if isinstance(node, dict):
+        if "param_groups" in node:
+            yield node
+        for v in node.values():
+            yield from _torch_optimizer_dicts(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _torch_optimizer_dicts(v)
+
+
+def _optimizer_step(structure) -> float:
+    """Adam's step: ``state['common_step']`` (Megatron's plain and mixed-precision optimizers)
+    or ``param_groups[i]['step']`` (the distributed optimizer)."""
+    steps = []
+    for d in _torch_optimizer_dicts(structure):
+        steps += [float(g["step"]) for g in d["param_groups"] if "step" in g]
+        state = d.get("state")
+        if isinstance(state, dict) and "common_step" in state:
+            steps.append(float(state["common_step"]))
+    return max(steps, default=0.0)
+
+
+def _set_optimizer_step(structure, step: float) -> None:
+    for d in _torch_optimizer_dicts(structure):
+        groups = d["param_groups"]
+        if any("step" in g for g in groups):
+            for g in groups:
+                g["step"] = step
+        else:
+            d.setdefault("state", {})["common_step"] = torch.tensor(step)
+
+
+def _optimizer_checkpoint(optimizer, model_sd) -> dict:
+    structure, leaves = _optimizer_structure(optimizer, model_sd, is_loading=False)
+    return {"tensors": {str(i): leaf for i, (_, leaf) in enumerate(leaves)},
+            "step": _optimizer_step(structure)}
+
+
+def _get_path(node: Any, path: tuple) -> Any:
+    for part in path:
+        node = node[part]
+    return node
+
+
 def _rng_state() -> dict:
     state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": get_cuda_rng_tracker().get_states()}
@@ -90,8 +170,7 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
     model_sd = ctx.gpt_model.sharded_state_dict()
     state: dict[str, Any] = {
         "model": model_sd,
-        "optimizer": ctx.optimizer.sharded_state_dict(model_sd, is_loading=False,
-                                                      metadata=OPTIMIZER_METADATA),
+        "optimizer": _optimizer_checkpoint(ctx.optimizer, model_sd),
         "rng_state": _rng_sharded_object(),
         "opt_param_scheduler": ctx.scheduler.state_dict(),
         "iteration": iteration,
@@ -142,8 +221,8 @@ def load_checkpoint(ctx) -> tuple[int, int]:
     request: dict[str, Any] = {"model": model_sd}
     load_optim = not (ck.no_load_optim or ck.finetune)
     if load_optim:
-        request["optimizer"] = ctx.optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                                metadata=OPTIMIZER_METADATA)
+        structure, leaves = _optimizer_structure(ctx.optimizer, model_sd, is_loading=True)
+        request["optimizer"] = {"tensors": {str(i): leaf for i, (_, leaf) in enumerate(leaves)}}
     same_layout = common.get("parallel_layout") == _parallel_layout(ctx.cfg)
     load_rng = not (ck.no_load_rng or ck.finetune) and same_layout
     if load_rng:
@@ -153,7 +232,14 @@ def load_checkpoint(ctx) -> tuple[int, int]:
     state = dist_checkpointing.load(request, str(path))
     ctx.gpt_model.load_state_dict(state["model"], strict=True)
     if load_optim:
-        ctx.optimizer.load_state_dict(state["optimizer"])
+        loaded = state["optimizer"]
+        for i, (path, _) in enumerate(leaves):
+            _set_path(structure, path, loaded["tensors"][str(i)])
+        for path, value in list(_walk(structure)):
+            if isinstance(value, LocalNonpersistentObject):  # kept locally, never saved
+                _set_path(structure, path, value.unwrap())
+        _set_optimizer_step(structure, loaded["step"])
+        ctx.optimizer.load_state_dict(structure)
         ctx.scheduler.load_state_dict(common["opt_param_scheduler"])
     else:
         ctx.optimizer.reload_model_params()
@@ -163,3 +249,26 @@ def load_checkpoint(ctx) -> tuple[int, int]:
     if ck.finetune:
         return 0, 0
     return int(common["iteration"]), int(common["consumed_train_samples"])
+
+
+def resolve_iteration_dir(path: str) -> Path:
+    """A checkpoint root (with the tracker file) or one ``iter_N`` directory -> the ``iter_N`` dir."""
+    p = Path(path)
+    iteration = latest_iteration(path)
+    if iteration is not None:
+        return iteration_dir(path, iteration)
+    if (p / "metadata.json").is_file():
+        return p
+    raise ConfigError(f"{path}: not a checkpoint (no {TRACKER_FILE} and no metadata.json)")
+
+
+def read_model_tensors(path: str) -> dict[str, torch.Tensor]:
+    """All model tensors of a checkpoint as full (unsharded) CPU tensors, whatever layout wrote it.
+
+    Works in a plain process: a single-rank gloo group is created when none exists.
+    """
+    from megatron_moe_reg.training.distributed import init_process_group
+
+    init_process_group("gloo")
+    tensors = dist_checkpointing.load_plain_tensors(str(resolve_iteration_dir(path)))
+    return {k: v for k, v in tensors.items() if torch.is_tensor(v) and not k.startswith("optimizer.")}

@@ -28,14 +28,16 @@ def init_process_group(backend: str = "auto", timeout_minutes: int = 10) -> None
     """Join the torchrun/Slurm process group, or create a world of one when launched alone."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
     if backend == "auto":
         backend = "nccl" if on_gpu() else "gloo"
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ:  # torchrun / Slurm (env://)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # launched alone: a private world of one, without touching the environment
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
 
 
 def initialize(cfg) -> None:
