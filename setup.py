@@ -30,7 +30,8 @@ setup(
         # apex is a from-source build (see README); it is optional.
         "gpu": ["transformer-engine[pytorch]", "triton"],
         "triton": ["triton"],
-        "test": ["pytest>=8", "pytest-timeout"],
+        # triton: megatron-core 0.19 imports it; pybind11: builds 0.19's dataset helper on 3.11
+        "test": ["pytest>=8", "pytest-timeout", "pybind11", "triton>=3.8"],
     },
     entry_points={"console_scripts": ["moe-reg=megatron_moe_reg.cli:main"]},
     classifiers=[

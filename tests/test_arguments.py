@@ -43,8 +43,10 @@ def test_example_configs_parse():
     assert examples == sorted(EXAMPLE_WORLD_SIZES)
     for name in examples:
         path = Path(__file__).parents[1] / "examples" / name
-        parse_args(["--config", str(path), "--mock-data", "--vocab-size", "512", "--save", "ckpt"],
-                   world_size=EXAMPLE_WORLD_SIZES[name])
+        cfg = parse_args(["--config", str(path), "--mock-data", "--vocab-size", "512"],
+                         world_size=EXAMPLE_WORLD_SIZES[name])
+        assert cfg.notices() == [f"save-interval {cfg.ckpt.save_interval} from --config has no effect "
+                                 "without --save"]
 
 
 @pytest.mark.parametrize("argv, world, message", [

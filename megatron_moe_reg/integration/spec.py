@@ -52,10 +52,3 @@ def gpt_block_spec(config, use_transformer_engine: bool, *, router: Optional[Cal
     layer_norm = _swap_torch_norm(spec.layer_norm) if swap_norms else spec.layer_norm
     return dataclasses.replace(spec, layer_specs=layers, layer_norm=layer_norm)
 
-
-def moe_layer_pattern(config) -> list[int]:
-    """0/1 per global layer: whether it is an MoE layer (Megatron's ``moe_layer_freq`` rule)."""
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
-    return list(freq)

@@ -180,6 +180,7 @@ class RunConfig:
     log: LoggingArgs
     plugin: PluginConfig
     world_size: int = 1
+    command_line: frozenset = frozenset()  # options given as flags (not from --config)
 
     @property
     def data_parallel_size(self) -> int:
@@ -190,6 +191,13 @@ class RunConfig:
     @property
     def num_microbatches(self) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size)
+
+    def notices(self) -> list[str]:
+        """Options from a config file that have no effect in this run."""
+        out = []
+        if self.ckpt.save_interval and not self.ckpt.save:
+            out.append(f"save-interval {self.ckpt.save_interval} from --config has no effect without --save")
+        return out
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name, _, _ in GROUPS}
@@ -210,10 +218,11 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     values = {}
     if ns.config:
         values.update(flags.load_config_file(ns.config, [cls for _, cls, _ in GROUPS]))
-    values.update({k: v for k, v in vars(ns).items() if k != "config"})
+    given = {k: v for k, v in vars(ns).items() if k != "config"}
+    values.update(given)
     groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in GROUPS}
     ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = RunConfig(**groups, world_size=ws)
+    cfg = RunConfig(**groups, world_size=ws, command_line=frozenset(given))
     finalize(cfg)
     return cfg
 
@@ -361,7 +370,7 @@ def validate(cfg: RunConfig) -> None:
     check_paths(cfg)
     if cfg.ckpt.save_interval is not None and cfg.ckpt.save_interval < 1:
         raise ConfigError("--save-interval must be >= 1")
-    if cfg.ckpt.save_interval and not cfg.ckpt.save:
+    if cfg.ckpt.save_interval and not cfg.ckpt.save and "save_interval" in cfg.command_line:
         raise ConfigError("--save-interval needs --save DIR")
     if p.recompute_granularity == "full" and p.recompute_method is None:
         raise ConfigError("--recompute-granularity full needs --recompute-method uniform|block")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,7 @@ class Reporter:
         if cfg.log.log_file:
             Path(cfg.log.log_file).parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(cfg.log.log_file, "a", buffering=1)
-        if cfg.log.progress_bar:
+        if cfg.log.progress_bar and sys.stderr.isatty():  # plain lines in logs and batch jobs
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=cfg.train.train_iters, initial=start_iteration, unit="step",

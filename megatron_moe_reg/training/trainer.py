@@ -82,6 +82,8 @@ def _print_summary(cfg: RunConfig, config, gpt, tokenizer, use_te: bool) -> None
         f"vocab {tokenizer.vocab_size} | parameters {total / 1e6:.2f}M, active per token {active / 1e6:.2f}M\n"
         f"global batch {cfg.train.global_batch_size} x {m.seq_length} tokens, "
         f"{cfg.num_microbatches} micro-batch(es) of {cfg.train.micro_batch_size}, {cfg.train.train_iters} steps")
+    for notice in cfg.notices():
+        distributed.print_rank0(f"note: {notice}")
 
 
 def megatron_moe_track_names(cfg: RunConfig) -> list[str]:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install the test dependencies and run the test suite (CPU; real megatron-core, gloo):
+# once against the installed megatron-core (0.16.1 on Python 3.11), once against 0.19.2.
+#
+#   bash tests/run.sh [pytest args...]
+#
+# Uses the active virtual environment, or creates .venv. Installs the CPU build of torch
+# when torch is missing (never the multi-GB CUDA build). MOE_REG_COMPAT=none skips the
+# second pass; it is also skipped, with a message, when the 0.19.2 wheel cannot be fetched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+  [[ -d .venv ]] || python3 -m venv .venv
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+echo "== megatron-core $(python -c 'from megatron.core import package_info as p; print(p.__version__)')"
+python -m pytest tests -q "$@"
+
+COMPAT=${MOE_REG_COMPAT:-0.19.2}
+if [[ "$COMPAT" != none ]]; then
+  if ! COMPAT_PATH=$(python tests/megatron_core_compat.py "$COMPAT"); then
+    echo "== megatron-core $COMPAT pass SKIPPED: its wheel could not be fetched or built (offline?)"
+    exit 0
+  fi
+  echo "== megatron-core $COMPAT ($COMPAT_PATH)"
+  PYTHONPATH="$COMPAT_PATH${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests -q -p no:cacheprovider "$@"
+fi
