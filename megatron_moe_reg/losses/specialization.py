@@ -1,0 +1,83 @@
+"""Intra-layer specialization loss R_sp (arXiv 2602.14159, "Synergistic Intra- and Cross-Layer
+Regularization Losses for MoE Expert Specialization", paper Eq. 4).
+
+For an MoE layer and a token i routed to the set A_i of its top-k experts, let
+
+    z_i^e = SiLU(x_i W_gate^e) ⊙ (x_i W_up^e)
+
+be expert e's SwiGLU intermediate (the input of its down projection), taken *before* any
+router-probability weighting. Then
+
+    R_sp = mean_i  Σ_{e ≠ ν ∈ A_i}  cos²(z_i^e, z_i^ν)                       (paper Eq. 4)
+
+over ordered pairs, as Eq. 4 writes them (each unordered pair counts twice), so a token's
+term lies in [0, k(k-1)]. Source labels: the squared cosine over co-activated routed experts is
+the paper's (Eq. 4, [S] in ../shared/reference/papers.md §1); the mean over tokens (the paper
+does not say how tokens are aggregated) is inferred. A zero vector has cosine 0 with anything.
+All math is in fp32 whatever the input dtype (fp64 inputs stay fp64).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+EPS = 1e-6
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 unchanged (float64 keeps gradchecks exact)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def normalized_gram(z_TKF: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """G_TKK[i, e, ν] = cos(z_i^e, z_i^ν) in fp32 (0 where either vector is zero)."""
+    z = at_least_fp32(z_TKF)
+    z_hat = z / z.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return z_hat @ z_hat.transpose(-1, -2)
+
+
+def pairwise_cos2_from_gram(gram_TKK: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Per-token Σ_{e≠ν} cos² from an *unnormalized* Gram z zᵀ (e.g. summed over F-shards).
+
+    cos²(z^e, z^ν) = G_eν² / (G_ee G_νν); ``G_ee`` are squared norms.
+    """
+    g = at_least_fp32(gram_TKK)
+    sq_norm = g.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps)  # [T, K]
+    cos2 = g.pow(2) / (sq_norm.unsqueeze(-1) * sq_norm.unsqueeze(-2))
+    k = g.shape[-1]
+    off_diagonal = 1.0 - torch.eye(k, dtype=cos2.dtype, device=cos2.device)
+    return (cos2 * off_diagonal).sum(dim=(-1, -2))
+
+
+def specialization_per_token(z_TKF: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """r_i = Σ_{e≠ν} cos²(z_i^e, z_i^ν) for every token, shape [T] (fp32)."""
+    gram = normalized_gram(z_TKF, eps)
+    k = gram.shape[-1]
+    off_diagonal = 1.0 - torch.eye(k, dtype=gram.dtype, device=gram.device)
+    return (gram.pow(2) * off_diagonal).sum(dim=(-1, -2))
+
+
+def masked_mean(values_T: torch.Tensor, token_mask_T: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over kept tokens (``token_mask_T`` True = keep); 0, not NaN, when none is kept."""
+    if token_mask_T is not None:
+        keep = token_mask_T.to(device=values_T.device, dtype=torch.bool).reshape(-1)
+        values_T = values_T[keep]
+    if values_T.numel() == 0:
+        return values_T.sum() * 0.0
+    return values_T.mean()
+
+
+def specialization_loss(z_TKF: torch.Tensor, token_mask_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """R_sp of one MoE layer (paper Eq. 4): mean over kept tokens of Σ_{e≠ν} cos²(z^e, z^ν).
+
+    Args:
+        z_TKF: the SwiGLU intermediates of each token's k routed experts, [T, k, F].
+        token_mask_T: optional bool [T], True = keep (padding tokens False).
+    Returns:
+        fp32 scalar; 0 for k = 1, all-zero activations or a fully masked input.
+    """
+    if z_TKF.dim() != 3:
+        raise ValueError(f"z_TKF must be [tokens, k, ffn], got shape {tuple(z_TKF.shape)}")
+    return masked_mean(specialization_per_token(z_TKF), token_mask_T)
