@@ -1,10 +1,11 @@
 """Throughput and peak memory of the default configuration, and the integration's own overhead.
 
 Builds the GPT-MoE of ``--config`` twice in one process: (a) from Megatron's block spec
-(``get_gpt_decoder_block_spec``, its TopKRouter and experts) and (b) through the plugin
-(``megatron_moe_reg.integration.spec.gpt_block_spec``, no plugin options). Both get the same
-weights; forward+backward steps alternate between them on the same batches, so the ratio
-is measured side by side. Peak memory is measured per variant in a fresh subprocess.
+(``get_gpt_decoder_block_spec``, its TopKRouter and experts) and (b) as ``moe-reg pretrain``
+builds it with no plugin loss on (the plugin's block spec and router, its hooks installed, on a
+step without measurement). Both get the same weights; forward+backward steps alternate between
+them on the same batches, so the ratio is measured side by side. Peak memory is measured per
+variant in a fresh subprocess.
 
     python benchmarks/integration_overhead.py [--config examples/tiny_cpu.toml] [--steps 20]
 """
@@ -27,8 +28,10 @@ def build(cfg, variant: str):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from megatron_moe_reg.integration.install import install
     from megatron_moe_reg.integration.spec import gpt_block_spec
     from megatron_moe_reg.training import model as model_lib
+    from megatron_moe_reg.training.trainer import plugin_router
 
     use_te = model_lib.use_transformer_engine(cfg)
     config = model_lib.transformer_config(cfg, use_te)
@@ -36,13 +39,15 @@ def build(cfg, variant: str):
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                           normalization=config.normalization, pp_rank=0)
     else:
-        spec = gpt_block_spec(config, use_te, pp_rank=0)
+        spec = gpt_block_spec(config, use_te, router=plugin_router(cfg), pp_rank=0)
     torch.manual_seed(0)
     model = GPTModel(config=config, transformer_layer_spec=spec,
                      vocab_size=model_lib.padded_vocab_size(cfg.model.vocab_size, cfg),
                      max_sequence_length=cfg.model.max_position_embeddings,
                      position_embedding_type=cfg.model.position_embedding_type)
     assert parallel_state.model_parallel_is_initialized()
+    if variant == "plugin":
+        install([model], cfg.plugin).begin_step(measure=False)
     if torch.cuda.is_available():
         model.cuda()
     if cfg.train.bf16:

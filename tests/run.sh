@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the test dependencies and run the test suite (CPU; real megatron-core, gloo):
-# once against the installed megatron-core (0.16.1 on Python 3.11), once against 0.19.2.
+# all of it against the installed megatron-core (0.16.1 on Python 3.11), then the tests marked
+# `compat` (specs, tracker, dispatchers, optimizer, checkpoints, the losses' integration) against 0.19.2.
 #
 #   bash tests/run.sh [pytest args...]
 #
@@ -29,5 +30,5 @@ if [[ "$COMPAT" != none ]]; then
     exit 0
   fi
   echo "== megatron-core $COMPAT ($COMPAT_PATH)"
-  PYTHONPATH="$COMPAT_PATH${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests -q -p no:cacheprovider "$@"
+  PYTHONPATH="$COMPAT_PATH${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests -q -p no:cacheprovider -m compat "$@"
 fi

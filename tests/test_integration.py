@@ -10,6 +10,9 @@ import torch
 from megatron_moe_reg.integration import compat, cpu_runtime
 
 
+
+pytestmark = pytest.mark.compat
+
 def test_every_runtime_patch_is_documented_and_resolves():
     assert cpu_runtime.activate() is (not torch.cuda.is_available())
     for patch in cpu_runtime.PATCHES:

@@ -6,6 +6,9 @@ import pytest
 from helpers import MOCK, TINY_MODEL, data_flags, pretrain, read_validation, run_cli, without
 
 
+
+pytestmark = pytest.mark.compat
+
 def test_loss_falls_on_embedded_corpus(embedded_dataset, tmp_path):
     rows = pretrain(tmp_path, "train", ["--train-iters", "40", "--lr", "3e-3", "--lr-warmup-iters", "5",
                                         "--micro-batch-size", "8", "--seq-length", "64",
@@ -30,6 +33,10 @@ def test_loss_falls_on_embedded_corpus(embedded_dataset, tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"lm loss", "load_balancing_loss", "moe/load_balancing_loss_layer_0",
             "moe/load_balancing_loss_layer_1", "validation/lm loss", "validation/perplexity"} <= tags
+    # the plugin's quantities are measured (no gradient) at every log interval, per layer
+    assert {"moe_reg/specialization_loss", "moe_reg/specialization_loss_layer_1",
+            "moe_reg/coupling_loss", "moe_reg/coupling_loss_layer_1"} <= tags
+    assert all(0.0 <= r["specialization_loss"] <= 2.0 and -1.0 <= r["coupling_loss"] <= 0.0 for r in rows)
 
 
 def test_resume_continues_with_identical_losses(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -75,25 +77,9 @@ def transformer_config(cfg: RunConfig, use_te: bool) -> TransformerConfig:
     if p.recompute_modules is not None:
         kwargs["recompute_modules"] = p.recompute_modules
     if moe.num_experts:
-        kwargs.update(
-            num_moe_experts=moe.num_experts, moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
-            moe_router_topk=moe.moe_router_topk, moe_layer_freq=moe.moe_layer_freq,
-            moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
-            moe_aux_loss_coeff=moe.moe_aux_loss_coeff, moe_z_loss_coeff=moe.moe_z_loss_coeff,
-            moe_router_score_function=moe.moe_router_score_function,
-            moe_router_pre_softmax=moe.moe_router_pre_softmax,
-            moe_router_topk_scaling_factor=moe.moe_router_topk_scaling_factor,
-            moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
-            moe_router_num_groups=moe.moe_router_num_groups,
-            moe_router_group_topk=moe.moe_router_group_topk,
-            moe_router_dtype=moe.moe_router_dtype, moe_input_jitter_eps=moe.moe_input_jitter_eps,
-            moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
-            moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
-            moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
-            moe_shared_expert_overlap=moe.moe_shared_expert_overlap,
-            moe_grouped_gemm=moe.moe_grouped_gemm, moe_per_layer_logging=moe.moe_per_layer_logging,
-        )
+        # MoE options have TransformerConfig's names, except the number of experts.
+        kwargs.update({f.name: getattr(moe, f.name) for f in dataclasses.fields(moe) if f.name != "num_experts"})
+        kwargs["num_moe_experts"] = moe.num_experts
     try:
         return TransformerConfig(**kwargs)
     except (AssertionError, ValueError) as e:

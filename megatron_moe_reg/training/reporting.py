@@ -67,12 +67,17 @@ class Reporter:
         window, self._window = self._window, []
         if not window:
             return
-        keys = [k for k, v in window[-1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        avg = {k: sum(w[k] for w in window) / len(window) for k in keys}
+        keys = dict.fromkeys(k for w in window for k, v in w.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool))
+        avg = {}
+        for k in keys:  # some metrics (measurements) exist only on some steps
+            values = [w[k] for w in window if k in w]
+            avg[k] = sum(values) / len(values)
         avg["skipped"] = sum(int(w.get("skipped", False)) for w in window)
         parts = [f"iteration {iteration:>6d}/{self.cfg.train.train_iters}",
                  f"lm loss {avg['lm loss']:.4f}", f"lr {avg['lr']:.3e}", f"grad norm {avg['grad norm']:.3f}"]
-        parts += [f"{k} {v:.4f}" for k, v in avg.items() if k.endswith("loss") and k != "lm loss"]
+        parts += [f"{k} {v:.4f}" for k, v in avg.items()
+                  if k.endswith("loss") and k != "lm loss" and "_layer_" not in k]
         parts += [f"tokens/s {avg['tokens/s']:,.0f}", f"ms/step {1000 * avg['step seconds']:.0f}"]
         if avg["skipped"]:
             parts.append(f"skipped {avg['skipped']}")

@@ -10,6 +10,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_moe_reg.integration import compat
+from megatron_moe_reg.integration.install import install
+from megatron_moe_reg.routers import router_class
 from megatron_moe_reg.training import checkpointing, distributed, model as model_lib
 from megatron_moe_reg.training.arguments import RunConfig
 from megatron_moe_reg.training.data import build_datasets, make_loader, needs_data
@@ -36,15 +38,24 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
     return optimizer, scheduler
 
 
-def setup(cfg: RunConfig, router=None, experts=None) -> TrainingContext:
+def plugin_router(cfg: RunConfig):
+    """The router builder for the MoE layers: the plugin's when any plugin feature is on."""
+    if not cfg.moe.num_experts or not cfg.plugin.any_enabled:
+        return None
+    return compat.router_builder(router_class("topk"))
+
+
+def setup(cfg: RunConfig, experts=None) -> TrainingContext:
     """Initialize parallel state and build tokenizer, model, optimizer, scheduler and datasets."""
     compat.check_version()
     distributed.initialize(cfg)
     use_te = model_lib.use_transformer_engine(cfg)
     tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size)
     config = model_lib.transformer_config(cfg, use_te)
-    gpt = model_lib.build_gpt_model(cfg, config, tokenizer.vocab_size, use_te, router=router, experts=experts)
+    gpt = model_lib.build_gpt_model(cfg, config, tokenizer.vocab_size, use_te, router=plugin_router(cfg),
+                                    experts=experts)
     chunks = model_lib.wrap_model(cfg, config, gpt)
+    regularizers = install(chunks, cfg.plugin) if plugin_router(cfg) is not None else None
     optimizer, scheduler = build_optimizer(cfg, chunks)
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = chunks[0].no_sync
@@ -53,8 +64,12 @@ def setup(cfg: RunConfig, router=None, experts=None) -> TrainingContext:
         config.grad_sync_func = chunks[0].start_grad_sync
     datasets = build_datasets(cfg, tokenizer) if needs_data() else (None, None, None)
     _print_summary(cfg, config, gpt, tokenizer, use_te)
+    if regularizers is not None and regularizers.skipped_coupling_pairs:
+        distributed.print_rank0(f"note: coupling pairs {regularizers.skipped_coupling_pairs} straddle a "
+                                "pipeline stage without MoE layers and are skipped")
     return TrainingContext(cfg=cfg, config=config, model=chunks, gpt_model=gpt, optimizer=optimizer,
-                           scheduler=scheduler, tokenizer=tokenizer, datasets=datasets)
+                           scheduler=scheduler, tokenizer=tokenizer, datasets=datasets,
+                           extras={"regularizers": regularizers})
 
 
 def _print_summary(cfg: RunConfig, config, gpt, tokenizer, use_te: bool) -> None:
@@ -134,8 +149,14 @@ def train(ctx: TrainingContext) -> dict:
     try:
         while iteration < cfg.train.train_iters:
             started = time.time()
+            regularizers = ctx.extras.get("regularizers")
+            if regularizers is not None:
+                regularizers.begin_step(measure=(iteration + 1) % cfg.log.log_interval == 0)
             metrics = train_step(ctx, train_iter)
             metrics.update(_report_moe(ctx, iteration + 1, reporter.writer))
+            if regularizers is not None:
+                regularizers.end_step()
+                metrics.update(regularizers.report(iteration + 1, reporter.writer))
             iteration += 1
             consumed += cfg.train.global_batch_size
             reporter.step(iteration, metrics, time.time() - started)

@@ -1,0 +1,108 @@
+"""The plugin's own per-layer metrics tracker.
+
+Megatron-LM's ``training_log`` reports only Megatron's four MoE losses and then clears the
+whole megatron-core tracker, so plugin metrics live here. Reduction follows megatron-core
+0.17+'s ``MoEMetricsTracker``: sum over the pipeline group, then ``reduce_group`` (SUM),
+``avg_group`` (AVG) and the data-parallel group (AVG). Values recorded in several
+micro-batches are averaged over the micro-batches (each layer keeps a record count), and
+the summary of a metric is its mean over the layers that recorded it (a coupling loss has
+one value per pair of consecutive MoE layers, not per MoE layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Entry:
+    values: torch.Tensor  # [num_layers] sums of recorded values
+    counts: torch.Tensor  # [num_layers] number of records
+    reduce_group: Optional[dist.ProcessGroup] = None
+    avg_group: Optional[dist.ProcessGroup] = None
+    needs_dp_avg: bool = True
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class PluginMetricsTracker:
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def ensure(self, name: str, num_layers: int, **groups) -> Entry:
+        if name not in self._entries:
+            zeros = torch.zeros(num_layers, dtype=torch.float64, device=_device())
+            self._entries[name] = Entry(values=zeros, counts=zeros.clone())
+        entry = self._entries[name]
+        for key, value in groups.items():
+            setattr(entry, key, value)
+        return entry
+
+    def record(self, name: str, value: torch.Tensor, layer_number: int, num_layers: int, *,
+               reduce_group=None, avg_group=None, needs_dp_avg: bool = True) -> None:
+        """Add one value for ``layer_number`` (1-based, global)."""
+        entry = self.ensure(name, num_layers, reduce_group=reduce_group, avg_group=avg_group,
+                            needs_dp_avg=needs_dp_avg)
+        entry.values[layer_number - 1] += value.detach().to(entry.values)
+        entry.counts[layer_number - 1] += 1
+
+    def report(self, names: list[str], num_layers: int, iteration: int, writer=None,
+               per_layer: bool = True, prefix: str = "moe_reg") -> dict[str, float]:
+        """Reduce across ranks (call on every rank), write TensorBoard scalars, clear.
+
+        Returns ``{name: mean over recording layers}`` and, per layer, ``{name}_layer_{i}``
+        (0-based MoE-agnostic layer index, as Megatron's per-layer logging).
+        """
+        from megatron.core import parallel_state as ps
+
+        out: dict[str, float] = {}
+        for name in names:
+            entry = self.ensure(name, num_layers)
+            stats = torch.stack([entry.values, entry.counts])
+            dist.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
+            values, counts = stats[0], stats[1]
+            if entry.reduce_group is not None:
+                dist.all_reduce(values, group=entry.reduce_group)
+            if entry.avg_group is not None:
+                dist.all_reduce(values, group=entry.avg_group, op=dist.ReduceOp.AVG)
+            if entry.needs_dp_avg:
+                dist.all_reduce(values, group=ps.get_data_parallel_group(), op=dist.ReduceOp.AVG)
+            present = counts > 0
+            per_layer_mean = torch.where(present, values / counts.clamp_min(1), torch.zeros_like(values))
+            if bool(present.any()):
+                out[name] = float(per_layer_mean[present].mean())
+                if per_layer:
+                    for i in torch.nonzero(present).flatten().tolist():
+                        out[f"{name}_layer_{i}"] = float(per_layer_mean[i])
+            if writer is not None and name in out:
+                writer.add_scalar(f"{prefix}/{name}", out[name], iteration)
+                if per_layer:
+                    for i in torch.nonzero(present).flatten().tolist():
+                        writer.add_scalar(f"{prefix}/{name}_layer_{i}", out[f"{name}_layer_{i}"], iteration)
+            entry.values.zero_()
+            entry.counts.zero_()
+        return out
+
+    def clear(self) -> None:
+        for entry in self._entries.values():
+            entry.values.zero_()
+            entry.counts.zero_()
+
+
+_TRACKER: Optional[PluginMetricsTracker] = None
+
+
+def get_tracker() -> PluginMetricsTracker:
+    global _TRACKER
+    if _TRACKER is None:
+        _TRACKER = PluginMetricsTracker()
+    return _TRACKER
