@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from megatron_moe_reg.errors import ConfigError
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from megatron_moe_reg.training.arguments import RunConfig
 
 COUPLING_VARIANTS = ("product", "log")
+ROUTER_TYPES = ("topk", "spectral", "prototype", "ermoe", "emoe")
+EIGEN_GATES = ("normalized", "softmax")
 
 
 def _opt(default, help: str, **meta):
@@ -40,32 +42,59 @@ class PluginConfig:
         "product", "R_cp form: -mean(m_prev*m) or -mean(log(m_prev*m)), m = top-k routing mass",
         choices=list(COUPLING_VARIANTS))
     moe_reg_measure: bool = _opt(
-        True, "measure R_sp and R_cp (no gradient) at each log interval when their coefficient is 0")
+        True, "measure R_sp, R_cp and the router geometry (no gradient) at each log interval")
+    moe_router_type: str = _opt(
+        "topk", "router: Megatron's top-k, spectral-normalized, prototype (SR-MoE), eigenbasis (ERMoE) "
+        "or shared eigenbasis (EMoE)", choices=list(ROUTER_TYPES))
+    moe_router_spectral_penalty_coeff: float = _opt(
+        0.0, "lambda_sn of the spectral penalty sigma_max(W)^2 on the routing matrix (SR-MoE; inferred form)")
+    moe_router_spectral_target: Optional[float] = _opt(
+        None, "use the hinge relu(sigma_max - c)^2 with this target c instead of sigma_max^2")
+    moe_router_stable_rank_coeff: float = _opt(
+        0.0, "lambda_sr of the stable-rank penalty 1/srank(W) = sigma_max^2/||W||_F^2 (SR-MoE; inferred form)")
+    moe_router_spectral_gain: float = _opt(1.0, "initial gain g of the spectral router")
+    moe_router_fixed_gain: bool = _opt(False, "keep the spectral router's gain constant")
+    moe_prototype_temperature: float = _opt(1.0, "initial temperature tau of the prototype router")
+    moe_prototype_fixed_temperature: bool = _opt(False, "keep the prototype router's temperature constant")
+    moe_eigen_rank: int = _opt(16, "rank r of each expert's basis (ermoe) or of the shared basis (emoe)")
+    moe_eigen_threshold: Optional[float] = _opt(
+        None, "ermoe: report the share of routed slots whose eigenbasis score reaches this threshold")
+    moe_eigen_gate: str = _opt("normalized", "ermoe gates: selected scores normalized, or softmax(score/T)",
+                               choices=list(EIGEN_GATES))
+    moe_eigen_temperature: float = _opt(1.0, "ermoe softmax-gate temperature T, emoe logit temperature tau")
+    moe_emoe_ortho_coeff: float = _opt(0.0, "emoe soft orthonormality penalty on the basis parameter "
+                                            "(authors' code: 1e-3)")
 
     @property
     def any_loss(self) -> bool:
-        return self.moe_specialization_loss_coeff > 0 or self.moe_coupling_loss_coeff > 0
+        return (self.moe_specialization_loss_coeff > 0 or self.moe_coupling_loss_coeff > 0
+                or self.moe_router_spectral_penalty_coeff > 0 or self.moe_router_stable_rank_coeff > 0
+                or self.moe_emoe_ortho_coeff > 0)
 
     @property
     def any_enabled(self) -> bool:
-        """Whether the plugin's modules are needed at all (losses or measurements)."""
-        return self.any_loss or self.moe_reg_measure
+        """Whether the plugin's modules are needed at all (losses, routers or measurements)."""
+        return self.any_loss or self.moe_reg_measure or self.moe_router_type != "topk"
 
     def validate(self, run: "RunConfig | None" = None) -> None:
         """Check the plugin options against each other and against the run. Raises ConfigError."""
-        for name in ("moe_specialization_loss_coeff", "moe_coupling_loss_coeff"):
+        for name in ("moe_specialization_loss_coeff", "moe_coupling_loss_coeff",
+                     "moe_router_spectral_penalty_coeff", "moe_router_stable_rank_coeff", "moe_emoe_ortho_coeff"):
             value = getattr(self, name)
             if value < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+                raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
         if self.moe_coupling_loss_variant not in COUPLING_VARIANTS:
             raise ConfigError(f"--moe-coupling-loss-variant must be one of {COUPLING_VARIANTS}")
+        self._validate_router()
         if run is None:
             return
         moe, p = run.moe, run.parallel
-        if not moe.num_experts and (self.any_loss or self.moe_specialization_include_shared_experts):
-            raise ConfigError("the MoE regularization losses need --num-experts")
+        if not moe.num_experts and (self.any_loss or self.moe_specialization_include_shared_experts
+                                    or self.moe_router_type != "topk"):
+            raise ConfigError("the MoE regularization losses and routers need --num-experts")
         if not moe.num_experts:
             return
+        self.validate_router_against_model(run)
         num_moe_layers = sum(moe_layer_pattern(moe.moe_layer_freq, run.model.num_layers))
         if self.moe_coupling_loss_coeff > 0 and num_moe_layers < 2:
             raise ConfigError(f"--moe-coupling-loss-coeff needs at least two MoE layers, this model has "
@@ -89,6 +118,56 @@ class PluginConfig:
             if p.recompute_modules and "shared_experts" in p.recompute_modules:
                 raise ConfigError("--moe-specialization-include-shared-experts cannot read the shared expert "
                                   "under --recompute-modules shared_experts; recompute 'moe' instead")
+
+
+    def _validate_router(self) -> None:
+        kind = self.moe_router_type
+        if kind not in ROUTER_TYPES:
+            raise ConfigError(f"--moe-router-type must be one of {ROUTER_TYPES}, got {kind!r}")
+        if self.moe_router_spectral_target is not None:
+            if self.moe_router_spectral_penalty_coeff == 0:
+                raise ConfigError("--moe-router-spectral-target needs --moe-router-spectral-penalty-coeff > 0")
+            if self.moe_router_spectral_target <= 0:
+                raise ConfigError("--moe-router-spectral-target must be > 0")
+        owners = {  # option -> (router types it applies to, value meaning "not set")
+            "moe_router_spectral_gain": (("spectral",), 1.0),
+            "moe_router_fixed_gain": (("spectral",), False),
+            "moe_prototype_temperature": (("prototype",), 1.0),
+            "moe_prototype_fixed_temperature": (("prototype",), False),
+            "moe_eigen_rank": (("ermoe", "emoe"), 16),
+            "moe_eigen_threshold": (("ermoe",), None),
+            "moe_eigen_gate": (("ermoe",), "normalized"),
+            "moe_eigen_temperature": (("ermoe", "emoe"), 1.0),
+            "moe_emoe_ortho_coeff": (("emoe",), 0.0),
+        }
+        for name, (kinds, unset) in owners.items():
+            if getattr(self, name) != unset and kind not in kinds:
+                raise ConfigError(f"{_flag(name)} applies to --moe-router-type {' or '.join(kinds)}, "
+                                  f"not {kind}")
+        for name in ("moe_router_spectral_gain", "moe_prototype_temperature", "moe_eigen_temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if self.moe_eigen_threshold is not None and not 0.0 <= self.moe_eigen_threshold <= 1.0:
+            raise ConfigError(f"--moe-eigen-threshold must be in [0, 1] (eigenbasis scores are cosines), "
+                              f"got {self.moe_eigen_threshold}")
+
+    def validate_router_against_model(self, run: "RunConfig") -> None:
+        moe, m = run.moe, run.model
+        kind = self.moe_router_type
+        if kind in ("ermoe", "emoe") and not 1 <= self.moe_eigen_rank <= m.hidden_size:
+            raise ConfigError(f"--moe-eigen-rank {self.moe_eigen_rank} must be between 1 and --hidden-size "
+                              f"{m.hidden_size}")
+        if kind in ("prototype", "ermoe", "emoe") and moe.moe_router_score_function != "softmax":
+            raise ConfigError(f"--moe-router-type {kind} defines softmax routing; --moe-router-score-function "
+                              f"{moe.moe_router_score_function} (and with it --moe-router-enable-expert-bias) "
+                              "does not apply")
+        if kind == "prototype" and moe.moe_z_loss_coeff:
+            raise ConfigError("--moe-router-type prototype: its logits are negative squared distances whose "
+                              "size carries the routing, so --moe-z-loss-coeff would fight it; drop the z-loss")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def moe_layer_pattern(moe_layer_freq, num_layers: int) -> list[int]:

@@ -1,10 +1,10 @@
 """One step of the plugin losses alone, for gradient comparisons across parallel layouts.
 
-    torchrun --nproc-per-node N tests/grad_probe.py OUT_DIR [moe-reg pretrain flags incl. --load]
+    torchrun --nproc-per-node N tests/grad_probe.py OUT_DIR [--lm-loss-scale S] [pretrain flags incl. --load]
 
 Loads the checkpoint, runs one global batch of forward/backward through Megatron's schedule
-with the LM loss multiplied by 0 (so only the auxiliary losses produce gradients), lets DDP
-and ``finalize_model_grads`` reduce the gradients, and writes:
+with the LM loss multiplied by S (default 0: only the auxiliary losses produce gradients), lets
+DDP and ``finalize_model_grads`` reduce the gradients, and writes:
 
   OUT_DIR/grads/     the reduced gradients as a dist checkpoint (read back with
                      ``read_model_tensors``: full tensors whatever layout wrote them)
@@ -34,7 +34,11 @@ def main(argv: list[str]) -> None:
     from megatron_moe_reg.training.step import batch_to_device, loss_func
 
     out = Path(argv[0])
-    cfg = parse_args(argv[1:])
+    rest = argv[1:]
+    lm_scale = 0.0
+    if rest[:1] == ["--lm-loss-scale"]:
+        lm_scale, rest = float(rest[1]), rest[2:]
+    cfg = parse_args(rest)
     ctx = trainer.setup(cfg)
     checkpointing.load_checkpoint(ctx)
     regs = ctx.extras["regularizers"]
@@ -43,11 +47,11 @@ def main(argv: list[str]) -> None:
         batch = batch_to_device(next(data_iterator) if data_iterator is not None else None)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
-        def zero_lm_loss(output_tensor):
+        def scaled_lm_loss(output_tensor):
             loss, num_tokens, report = loss_func(batch["loss_mask"], output_tensor)
-            return loss * 0.0, num_tokens, report
+            return loss * lm_scale, num_tokens, report
 
-        return output, zero_lm_loss if batch["loss_mask"] is not None else partial(loss_func, None)
+        return output, scaled_lm_loss if batch["loss_mask"] is not None else partial(loss_func, None)
 
     data = iter(make_loader(ctx.datasets[0], cfg)) if needs_data() else None
     for chunk in ctx.model:

@@ -55,7 +55,9 @@ SHARED_LAYOUTS = {
 
 
 def probe(out: Path, flags: list[str], nproc: int, model: list[str] = MODEL) -> tuple[dict, dict]:
-    cmd = [sys.executable, PROBE, str(out), *model, "--mock-data", *BATCH, *LOSSES, *flags]
+    """Run tests/grad_probe.py; ``model`` may start with ``--lm-loss-scale S``."""
+    head = model[:2] if model[:1] == ["--lm-loss-scale"] else []
+    cmd = [sys.executable, PROBE, str(out), *head, *model[len(head):], "--mock-data", *BATCH, *LOSSES, *flags]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())

@@ -113,6 +113,18 @@ def _average_z_loss_over_tp_dp_cp() -> None:
         entry["avg_group"] = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
 
 
+def reset_megatron_moe_tracker() -> None:
+    """Forget Megatron's MoE metric entries (their size is fixed by the first model that records)."""
+    if HAS_METRICS_TRACKER:
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+        destroy_moe_metrics_tracker()
+    else:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+
+
 def clear_megatron_moe_tracker() -> None:
     if HAS_METRICS_TRACKER:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker

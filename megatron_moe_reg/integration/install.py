@@ -64,6 +64,9 @@ class Regularizers:
             if not isinstance(layer.router, PluginRouterMixin):
                 raise ConfigError(f"MoE layer {layer.layer_number} uses {type(layer.router).__name__}; "
                                   "build the model with the plugin's block spec (plugin routers)")
+            layer.router.tracker = self.tracker
+        self.routers = [layer.router for layer in layers]
+        self.step_id = 0
         if getattr(self.config, "use_transformer_engine_op_fuser", False):
             raise ConfigError("the plugin reads expert activations through module hooks, which "
                               "TransformerEngine's op fuser bypasses; turn off use_transformer_engine_op_fuser")
@@ -111,6 +114,12 @@ class Regularizers:
             out.append("specialization_loss")
         if self.coupling is not None and (p.moe_coupling_loss_coeff > 0 or (measured and p.moe_reg_measure)):
             out.append("coupling_loss")
+        if measured and p.moe_reg_measure:
+            out += ["router_sigma_max", "router_stable_rank"]
+            if p.moe_router_type in ("ermoe", "emoe"):
+                out.append("router_basis_orthonormality_error")
+            if p.moe_router_type == "ermoe" and p.moe_eigen_threshold is not None:
+                out.append("eigen_qualified_fraction")
         return out
 
     def set_coefficients(self, specialization: float, coupling: float) -> None:
@@ -124,6 +133,10 @@ class Regularizers:
 
     def begin_step(self, measure: bool) -> None:
         self.measure = measure and self.plugin.moe_reg_measure
+        self.step_id += 1
+        for router in self.routers:
+            router.moe_reg_step = self.step_id
+            router.moe_reg_measure = self.measure
         for probe in self.probes:
             probe.measure = self.measure
         if self.coupling is not None:

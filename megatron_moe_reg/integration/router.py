@@ -1,9 +1,19 @@
-"""The plugin's base for routers: Megatron's ``TopKRouter`` with observable routing.
+"""The plugin's base for routers: Megatron's ``TopKRouter`` with observable routing and penalties.
 
-``PluginRouterMixin.routing`` runs Megatron's routing unchanged (z-loss, top-k with any score
-function, expert bias, group-limited routing, capacity, aux losses), then keeps this forward's
-routing for the specialization loss and lets the installed observers (the coupling loss)
-attach their losses to the returned probabilities.
+``PluginRouterMixin.routing`` runs the router's routing (Megatron's, unchanged: z-loss, top-k with
+any score function, expert bias, group-limited routing, capacity, aux losses), then
+
+- keeps this forward's routing map for the specialization loss;
+- attaches the SR-MoE router penalties (``losses.router_penalties``) on ``penalty_matrix()``;
+- records the router geometry (σ_max and stable rank of ``penalty_matrix()``; orthonormality
+  error for eigenbasis routers) on measured steps;
+- lets the installed observers (the coupling loss) attach their losses.
+
+σ_max for penalties and the spectral router comes from power iteration with persistent
+``power_u``/``power_v`` buffers (fp32, checkpointed), advanced once per optimizer step (the
+step id set by ``Regularizers.begin_step``): every micro-batch and every recompute pass of a
+step sees the same σ, so values do not depend on the micro-batch count or on recompute.
+Routers that need no σ keep exactly Megatron's state dict.
 """
 
 from __future__ import annotations
@@ -12,7 +22,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
+from megatron_moe_reg.losses.router_penalties import (
+    EPS,
+    power_iteration,
+    sigma_from_vectors,
+    spectral_penalty,
+    stable_rank,
+    stable_rank_penalty,
+)
 
 
 @dataclass
@@ -32,21 +53,128 @@ class RoutingRecord:
         return ~self.padding_mask.reshape(-1).to(torch.bool)
 
 
+def tag_router_parameter(param: torch.nn.Parameter, config) -> torch.nn.Parameter:
+    """New router parameters are replicated over TP: their gradients are summed over TP like the
+    router weight's (Megatron's ``sequence_parallel`` attribute)."""
+    setattr(param, "sequence_parallel", config.sequence_parallel)
+    return param
+
+
 class PluginRouterMixin:
-    """Mix in before a ``TopKRouter`` (sub)class."""
+    """Mix in before a ``TopKRouter`` (sub)class; call ``_init_plugin(plugin)`` in ``__init__``."""
 
     moe_reg_observers: tuple = ()
     moe_reg_last_routing: Optional[RoutingRecord] = None
+    moe_reg_step: Optional[int] = None  # the optimizer step being run
+    moe_reg_measure: bool = False
+    tracker = None
+    needs_sigma: bool = False  # a router whose logits use σ (spectral)
 
+    def _init_plugin(self, plugin) -> None:
+        self.plugin = plugin
+        self._power_step: Optional[int] = -1
+        self._measured_step: Optional[int] = -1
+        if self.needs_sigma or self.penalties_enabled:
+            rows, cols = self.penalty_matrix_shape()
+            u = torch.randn(rows, generator=torch.Generator().manual_seed(20260115), dtype=torch.float32)
+            v = torch.randn(cols, generator=torch.Generator().manual_seed(20260116), dtype=torch.float32)
+            self.register_buffer("power_u", F.normalize(u, dim=0))
+            self.register_buffer("power_v", F.normalize(v, dim=0))
+
+    def _register_scalar(self, name: str, value: float, fixed: bool) -> None:
+        """A learnable scalar parameter (tagged for TP reduction), or a constant buffer when ``fixed``."""
+        tensor = torch.full((1,), float(value), dtype=torch.float32)
+        if fixed:
+            self.register_buffer(name, tensor)
+        else:
+            setattr(self, name, tag_router_parameter(torch.nn.Parameter(tensor), self.config))
+
+    @property
+    def penalties_enabled(self) -> bool:
+        p = getattr(self, "plugin", None)
+        return p is not None and (p.moe_router_spectral_penalty_coeff > 0 or p.moe_router_stable_rank_coeff > 0)
+
+    # -------------------------------------------------------------- geometry
+    def penalty_matrix(self) -> torch.Tensor:
+        """The routing matrix the penalties act on (E x H for the linear routers)."""
+        return self.weight
+
+    def penalty_matrix_shape(self) -> tuple[int, int]:
+        return self.config.num_moe_experts, self.config.hidden_size
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.moe_router_dtype == "fp64" else torch.float32
+
+    def router_sigma(self) -> torch.Tensor:
+        """σ_max of ``penalty_matrix()``, differentiable (power iteration, advanced once per step)."""
+        W = self.penalty_matrix().to(self._compute_dtype())
+        for name in ("power_u", "power_v"):  # Float16Module casts buffers; keep them fp32
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        if self.training and (self.moe_reg_step is None or self.moe_reg_step != self._power_step):
+            u, v = power_iteration(W, self.power_u)
+            self.power_u.copy_(u)
+            self.power_v.copy_(v)
+            self._power_step = self.moe_reg_step
+        # copies: the buffers are updated in place on the next step, after this graph may be kept
+        return sigma_from_vectors(W, self.power_u.clone(), self.power_v.clone())
+
+    def orthonormality_error(self) -> Optional[torch.Tensor]:
+        """max |UᵀU - I| of the router's orthonormal bases (eigenbasis routers)."""
+        return None
+
+    # -------------------------------------------------------------- routing
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training:
             flat_mask = None if padding_mask is None else padding_mask.reshape(-1)
             self.moe_reg_last_routing = RoutingRecord(routing_map, flat_mask)
+            if torch.is_grad_enabled():
+                probs = self._attach_penalties(probs, self.moe_reg_last_routing)
+                self._record_geometry()
             for observer in self.moe_reg_observers:
                 probs = observer.after_routing(self, logits, probs, routing_map, flat_mask)
         return probs, routing_map
 
+    def _attach_penalties(self, probs: torch.Tensor, routing: RoutingRecord) -> torch.Tensor:
+        """λ_sn·σ² (or hinge) + λ_sr/srank, once per micro-batch; parameter-only, so the value is
+        the same on every rank and the local-mean scaling rules apply unchanged."""
+        if not self.penalties_enabled:
+            return probs
+        p = self.plugin
+        W = self.penalty_matrix()
+        sigma = self.router_sigma()
+        kwargs = dict(tp_cp_size=self.tp_cp_group.size(), calculate_per_token_loss=self.calculate_per_token_loss,
+                      num_local_tokens=routing.keep_mask().sum())
+        if p.moe_router_spectral_penalty_coeff > 0:
+            penalty = spectral_penalty(sigma, p.moe_router_spectral_target)
+            probs = attach_local_mean_loss(probs, penalty, p.moe_router_spectral_penalty_coeff, **kwargs)
+        if p.moe_router_stable_rank_coeff > 0:
+            penalty = stable_rank_penalty(W.to(sigma.dtype), sigma)
+            probs = attach_local_mean_loss(probs, penalty, p.moe_router_stable_rank_coeff, **kwargs)
+        return probs
+
+    def _record_geometry(self) -> None:
+        """Exact σ_max and stable rank (and basis orthonormality error) once per measured step."""
+        if not (self.moe_reg_measure and self.tracker is not None) or self._measured_step == self.moe_reg_step:
+            return
+        self._measured_step = self.moe_reg_step
+        num_layers = self.config.num_layers
+        with torch.no_grad():
+            W = self.penalty_matrix().detach().to(self._compute_dtype())
+            sigma = torch.linalg.matrix_norm(W, ord=2)
+            self.tracker.record("router_sigma_max", sigma, self.layer_number, num_layers)
+            self.tracker.record("router_stable_rank", stable_rank(W, sigma.clamp_min(EPS)), self.layer_number,
+                                num_layers)
+            error = self.orthonormality_error()
+            if error is not None:
+                self.tracker.record("router_basis_orthonormality_error", error, self.layer_number, num_layers)
+
 
 class PluginTopKRouter(PluginRouterMixin, TopKRouter):
     """Megatron's top-k router (``--moe-router-type topk``), observable by the plugin."""
+
+    def __init__(self, config, pg_collection=None, plugin=None, **kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+        self._init_plugin(plugin)

@@ -30,7 +30,7 @@ the normalized Gram are recomputed in backward.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,9 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
 from megatron_moe_reg.losses.specialization import specialization_loss
+
+if TYPE_CHECKING:
+    from megatron_moe_reg.integration.router import RoutingRecord
 
 META_ROUTED = 2  # columns: owner rank, token index, then the routed experts (-1 padded)
 
@@ -136,7 +139,7 @@ class SpecializationProbe:
             self._shared_rows = z.reshape(-1, z.shape[-1])
 
     # ------------------------------------------------------------------ where rows came from
-    def _dispatch_meta(self, routing: "RoutingRecord") -> torch.Tensor:  # noqa: F821
+    def _dispatch_meta(self, routing: "RoutingRecord") -> torch.Tensor:
         """Per dispatched row: [owner index in the dispatch group, token index, routed experts]."""
         k = self.config.moe_router_topk
         routing_map = routing.routing_map

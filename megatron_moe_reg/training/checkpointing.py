@@ -34,7 +34,11 @@ ARCHITECTURE_KEYS = {
               "kv_channels", "normalization", "swiglu", "add_bias_linear", "position_embedding_type",
               "untie_embeddings_and_output_weights"),
     "moe": ("num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size"),
+    "plugin": ("moe_router_type", "moe_eigen_rank"),
 }
+# Model state that may be absent from a checkpoint and is rebuilt: power-iteration vectors (written
+# only by runs whose routers used σ_max; re-estimated from the weights at the next step).
+RESTARTABLE_SUFFIXES = (".power_u", ".power_v")
 
 
 def iteration_dir(root: str, iteration: int) -> Path:
@@ -194,6 +198,8 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
 
 
 def _check_architecture(saved: dict, cfg, path: Path) -> None:
+    if not saved:  # written without this package (e.g. by Megatron-LM): nothing to compare
+        return
     current = cfg.to_dict()
     for group, keys in ARCHITECTURE_KEYS.items():
         for key in keys:
@@ -202,6 +208,25 @@ def _check_architecture(saved: dict, cfg, path: Path) -> None:
                 flag = "--" + key.replace("_", "-")
                 raise ConfigError(f"--load {path}: the checkpoint was written with {flag} {old}, this run "
                                   f"has {new}; use the checkpoint's value")
+
+
+def _drop_restartable(model_sd: dict, path: Path) -> list[str]:
+    """Remove from ``model_sd`` the restartable entries the checkpoint lacks; any other missing
+    tensor means the checkpoint was written by a different model."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    available = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    dropped = []
+    for name, value in list(model_sd.items()):
+        key = getattr(value, "key", None)
+        if not isinstance(value, ShardedTensor) or key in available or key.endswith("_extra_state"):
+            continue
+        if not key.endswith(RESTARTABLE_SUFFIXES):
+            raise ConfigError(f"--load {path}: the checkpoint has no '{key}'; it was written by a model with "
+                              "other modules (router type, shared experts, ...)")
+        dropped.append(name)
+        del model_sd[name]
+    return dropped
 
 
 def load_checkpoint(ctx) -> tuple[int, int]:
@@ -218,6 +243,7 @@ def load_checkpoint(ctx) -> tuple[int, int]:
     _check_architecture(common.get("moe_reg_config", {}), ctx.cfg, path)
 
     model_sd = ctx.gpt_model.sharded_state_dict()
+    restarted = _drop_restartable(model_sd, path)
     request: dict[str, Any] = {"model": model_sd}
     load_optim = not (ck.no_load_optim or ck.finetune)
     if load_optim:
@@ -230,14 +256,18 @@ def load_checkpoint(ctx) -> tuple[int, int]:
     elif not same_layout:
         print_rank0("checkpoint was written with another parallel layout: RNG state not restored")
     state = dist_checkpointing.load(request, str(path))
-    ctx.gpt_model.load_state_dict(state["model"], strict=True)
+    result = ctx.gpt_model.load_state_dict(state["model"], strict=not restarted)
+    if restarted:
+        assert set(result.missing_keys) <= set(restarted) and not result.unexpected_keys, result
+        print_rank0(f"note: {len(restarted)} power-iteration vectors are not in the checkpoint; "
+                    "they start afresh from the loaded weights")
     if load_optim:
         loaded = state["optimizer"]
-        for i, (path, _) in enumerate(leaves):
-            _set_path(structure, path, loaded["tensors"][str(i)])
-        for path, value in list(_walk(structure)):
+        for i, (where, _) in enumerate(leaves):
+            _set_path(structure, where, loaded["tensors"][str(i)])
+        for where, value in list(_walk(structure)):
             if isinstance(value, LocalNonpersistentObject):  # kept locally, never saved
-                _set_path(structure, path, value.unwrap())
+                _set_path(structure, where, value.unwrap())
         _set_optimizer_step(structure, loaded["step"])
         ctx.optimizer.load_state_dict(structure)
         ctx.scheduler.load_state_dict(common["opt_param_scheduler"])

@@ -11,7 +11,6 @@ Writes into ``--output-dir``:
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time

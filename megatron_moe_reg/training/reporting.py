@@ -76,8 +76,8 @@ class Reporter:
         avg["skipped"] = sum(int(w.get("skipped", False)) for w in window)
         parts = [f"iteration {iteration:>6d}/{self.cfg.train.train_iters}",
                  f"lm loss {avg['lm loss']:.4f}", f"lr {avg['lr']:.3e}", f"grad norm {avg['grad norm']:.3f}"]
-        parts += [f"{k} {v:.4f}" for k, v in avg.items()
-                  if k.endswith("loss") and k != "lm loss" and "_layer_" not in k]
+        shown = {"lm loss", "lr", "grad norm", "tokens", "tokens/s", "step seconds", "skipped"}
+        parts += [f"{k} {v:.5g}" for k, v in avg.items() if k not in shown and "_layer_" not in k]
         parts += [f"tokens/s {avg['tokens/s']:,.0f}", f"ms/step {1000 * avg['step seconds']:.0f}"]
         if avg["skipped"]:
             parts.append(f"skipped {avg['skipped']}")

@@ -42,7 +42,7 @@ def plugin_router(cfg: RunConfig):
     """The router builder for the MoE layers: the plugin's when any plugin feature is on."""
     if not cfg.moe.num_experts or not cfg.plugin.any_enabled:
         return None
-    return compat.router_builder(router_class("topk"))
+    return compat.router_builder(router_class(cfg.plugin.moe_router_type), plugin=cfg.plugin)
 
 
 def setup(cfg: RunConfig, experts=None) -> TrainingContext:
