@@ -1,13 +1,15 @@
-"""Step time and peak memory of training steps with R_sp / R_cp on versus off.
+"""Step time and peak memory of training steps with R_sp / R_cp / L_orth on versus off.
 
 One model, one process; the variants alternate step by step on the same data stream (so the
 ratios are measured side by side), each a full training step (forward, backward, optimizer):
 
-  off        both coefficients 0, no measurement
-  measure    coefficients 0, values measured without gradient (what a log-interval step costs)
+  off        every coefficient 0, no measurement (expert load is still counted)
+  measure    coefficients 0, losses and routing metrics measured without gradient (what a
+             log-interval step costs)
   R_sp       λ_sp = 2e-3
   R_cp       λ_cp = 1e-3
   R_sp+R_cp  both
+  L_orth     weight-orthogonality loss on fc1, λ = 1e-2
 
 Memory per variant: the bytes autograd keeps for backward during a step (unique storages,
 counted with ``torch.autograd.graph.saved_tensors_hooks``; CPU and GPU) and, on GPU, the
@@ -27,8 +29,9 @@ import time
 
 import torch
 
-VARIANTS = {"off": (0.0, 0.0, False), "measure": (0.0, 0.0, True), "R_sp": (2e-3, 0.0, False),
-            "R_cp": (0.0, 1e-3, False), "R_sp+R_cp": (2e-3, 1e-3, False)}
+VARIANTS = {"off": (0.0, 0.0, 0.0, False), "measure": (0.0, 0.0, 0.0, True), "R_sp": (2e-3, 0.0, 0.0, False),
+            "R_cp": (0.0, 1e-3, 0.0, False), "R_sp+R_cp": (2e-3, 1e-3, 0.0, False),
+            "L_orth": (0.0, 0.0, 1e-2, False)}
 
 
 def setup(argv):
@@ -40,7 +43,8 @@ def setup(argv):
     cfg = parse_args(["--config", argv.config, "--mock-data", "--vocab-size", str(argv.vocab_size),
                       "--micro-batch-size", str(argv.micro_batch_size), "--global-batch-size",
                       str(argv.micro_batch_size), "--train-iters", "1000", "--eval-iters", "0",
-                      "--moe-specialization-loss-coeff", "1e-3", "--moe-coupling-loss-coeff", "1e-3"],
+                      "--moe-specialization-loss-coeff", "1e-3", "--moe-coupling-loss-coeff", "1e-3",
+                      "--moe-weight-orthogonality-coeff", "1e-3"],
                      world_size=1)
     return cfg, trainer.setup(cfg)
 
@@ -48,9 +52,9 @@ def setup(argv):
 def run_step(ctx, data, variant: str) -> float:
     from megatron_moe_reg.training.step import train_step
 
-    sp, cp, measure = VARIANTS[variant]
+    sp, cp, orth, measure = VARIANTS[variant]
     regs = ctx.extras["regularizers"]
-    regs.set_coefficients(sp, cp)
+    regs.set_coefficients(sp, cp, orth)
     regs.begin_step(measure=measure)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

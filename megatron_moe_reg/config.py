@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 COUPLING_VARIANTS = ("product", "log")
 ROUTER_TYPES = ("topk", "spectral", "prototype", "ermoe", "emoe")
 EIGEN_GATES = ("normalized", "softmax")
+ORTHOGONALITY_WEIGHTS = ("fc1", "fc2")
 
 
 def _opt(default, help: str, **meta):
@@ -41,8 +42,18 @@ class PluginConfig:
     moe_coupling_loss_variant: str = _opt(
         "product", "R_cp form: -mean(m_prev*m) or -mean(log(m_prev*m)), m = top-k routing mass",
         choices=list(COUPLING_VARIANTS))
+    moe_weight_orthogonality_coeff: float = _opt(
+        0.0, "lambda of the expert weight-orthogonality loss mean_{i!=j} cos^2(vec W_i, vec W_j) "
+        "(baseline of arXiv 2601.00457; inferred form)")
+    moe_weight_orthogonality_weights: str = _opt(
+        "fc1", "which expert weights the orthogonality loss compares", choices=list(ORTHOGONALITY_WEIGHTS))
     moe_reg_measure: bool = _opt(
-        True, "measure R_sp, R_cp and the router geometry (no gradient) at each log interval")
+        True, "measure R_sp, R_cp, routing entropy, expert load, weight overlap and the router geometry "
+        "(no gradient) at each log interval")
+    moe_metrics_interval: int = _opt(
+        0, "every N steps also measure PES and activation MSO of all experts on a token sample (0: never)")
+    moe_metrics_sample_tokens: int = _opt(
+        64, "positions of the step's first sequence on which every expert runs for PES / activation MSO")
     moe_router_type: str = _opt(
         "topk", "router: Megatron's top-k, spectral-normalized, prototype (SR-MoE), eigenbasis (ERMoE) "
         "or shared eigenbasis (EMoE)", choices=list(ROUTER_TYPES))
@@ -69,7 +80,7 @@ class PluginConfig:
     def any_loss(self) -> bool:
         return (self.moe_specialization_loss_coeff > 0 or self.moe_coupling_loss_coeff > 0
                 or self.moe_router_spectral_penalty_coeff > 0 or self.moe_router_stable_rank_coeff > 0
-                or self.moe_emoe_ortho_coeff > 0)
+                or self.moe_emoe_ortho_coeff > 0 or self.moe_weight_orthogonality_coeff > 0)
 
     @property
     def any_enabled(self) -> bool:
@@ -79,12 +90,23 @@ class PluginConfig:
     def validate(self, run: "RunConfig | None" = None) -> None:
         """Check the plugin options against each other and against the run. Raises ConfigError."""
         for name in ("moe_specialization_loss_coeff", "moe_coupling_loss_coeff",
-                     "moe_router_spectral_penalty_coeff", "moe_router_stable_rank_coeff", "moe_emoe_ortho_coeff"):
+                     "moe_router_spectral_penalty_coeff", "moe_router_stable_rank_coeff", "moe_emoe_ortho_coeff",
+                     "moe_weight_orthogonality_coeff"):
             value = getattr(self, name)
             if value < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
         if self.moe_coupling_loss_variant not in COUPLING_VARIANTS:
             raise ConfigError(f"--moe-coupling-loss-variant must be one of {COUPLING_VARIANTS}")
+        if self.moe_weight_orthogonality_weights not in ORTHOGONALITY_WEIGHTS:
+            raise ConfigError(f"--moe-weight-orthogonality-weights must be one of {ORTHOGONALITY_WEIGHTS}")
+        if self.moe_weight_orthogonality_weights != "fc1" and self.moe_weight_orthogonality_coeff == 0:
+            raise ConfigError("--moe-weight-orthogonality-weights needs --moe-weight-orthogonality-coeff > 0")
+        if self.moe_metrics_interval < 0:
+            raise ConfigError(f"--moe-metrics-interval must be >= 0, got {self.moe_metrics_interval}")
+        if self.moe_metrics_sample_tokens < 1:
+            raise ConfigError(f"--moe-metrics-sample-tokens must be >= 1, got {self.moe_metrics_sample_tokens}")
+        if self.moe_metrics_interval and not self.moe_reg_measure:
+            raise ConfigError("--moe-metrics-interval needs the plugin's measurements; drop --no-moe-reg-measure")
         self._validate_router()
         if run is None:
             return
@@ -96,6 +118,11 @@ class PluginConfig:
             return
         self.validate_router_against_model(run)
         num_moe_layers = sum(moe_layer_pattern(moe.moe_layer_freq, run.model.num_layers))
+        if self.moe_metrics_interval and moe.num_experts < 2:
+            raise ConfigError("--moe-metrics-interval compares pairs of experts; it needs --num-experts >= 2")
+        if self.moe_weight_orthogonality_coeff > 0 and moe.num_experts < 2:
+            raise ConfigError("--moe-weight-orthogonality-coeff compares pairs of experts; it needs "
+                              "--num-experts >= 2")
         if self.moe_coupling_loss_coeff > 0 and num_moe_layers < 2:
             raise ConfigError(f"--moe-coupling-loss-coeff needs at least two MoE layers, this model has "
                               f"{num_moe_layers}; add MoE layers (--num-layers, --moe-layer-freq) or set it to 0")

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     data = iter(make_loader(ctx.datasets[0], cfg)) if needs_data() else None
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
-    regs.begin_step(measure=True)
+    regs.begin_step(measure=True, expensive=True)
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data, model=ctx.model,
         num_microbatches=cfg.num_microbatches, seq_length=cfg.model.seq_length,

@@ -1,4 +1,4 @@
-"""Plugin loss options: one-line configuration errors, the top-1 warning, pipeline pairing."""
+"""Plugin loss and metric options: one-line configuration errors, the top-1 warning, pipeline pairing."""
 
 import pytest
 
@@ -17,6 +17,11 @@ MOCK = ["--mock-data", "--vocab-size", "512"]
     (["--moe-specialization-include-shared-experts"], "needs shared experts"),
     (["--moe-specialization-include-shared-experts", "--moe-shared-expert-intermediate-size", "512",
       "--moe-ffn-hidden-size", "256"], "--moe-shared-expert-intermediate-size 512 != --moe-ffn-hidden-size 256"),
+    (["--moe-weight-orthogonality-coeff", "-1"], "--moe-weight-orthogonality-coeff must be >= 0"),
+    (["--moe-weight-orthogonality-weights", "fc2"], "needs --moe-weight-orthogonality-coeff > 0"),
+    (["--moe-metrics-interval", "-1"], "--moe-metrics-interval must be >= 0"),
+    (["--moe-metrics-interval", "10", "--moe-metrics-sample-tokens", "0"], "--moe-metrics-sample-tokens must be >= 1"),
+    (["--moe-metrics-interval", "10", "--no-moe-reg-measure"], "drop --no-moe-reg-measure"),
 ])
 def test_bad_plugin_options(argv, message):
     with pytest.raises(ConfigError) as info:

@@ -1,6 +1,7 @@
 """R_sp and R_cp: values and gradients are invariant to DP, EP (both dispatchers), TP+SP (expert
 tensor parallel), PP (a coupling pair across the stage boundary), TP x EP, micro-batching,
-activation recompute and ``--calculate-per-token-loss``.
+activation recompute and ``--calculate-per-token-loss``; so are the routing metrics reported
+with them (entropy, load, weight MSO, router geometry, PES and activation MSO).
 
 Every run loads the same initial checkpoint and takes one global batch with the LM loss
 multiplied by 0 (tests/grad_probe.py), so the gradients are those of the plugin losses alone.
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.multiprocess
 
 PROBE = str(Path(__file__).parent / "grad_probe.py")
 MODEL = without(TINY_MODEL, "--num-layers") + ["--num-layers", "4", "--moe-aux-loss-coeff", "0"]
-LOSSES = ["--moe-specialization-loss-coeff", "1.0", "--moe-coupling-loss-coeff", "1.0"]
+LOSSES = ["--moe-specialization-loss-coeff", "1.0", "--moe-coupling-loss-coeff", "1.0",
+          "--moe-metrics-interval", "1", "--moe-metrics-sample-tokens", "16"]  # PES / MSO: 16 = seq / TP
 BATCH = ["--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "1", "--lr-warmup-iters", "0"]
 LAYOUTS = {
     "dp2": (2, []),
@@ -84,7 +86,7 @@ def shared_workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(workdir):
     values, grads = probe(workdir / "reference", ["--load", str(workdir / "init"), "--finetune"], 1)
-    assert {"specialization_loss", "coupling_loss"} <= values.keys()
+    assert {"specialization_loss", "coupling_loss", "pes", "activation_mso", "load_cv"} <= values.keys()
     assert len([k for k in values if k.startswith("coupling_loss_layer_")]) == 3  # 4 MoE layers, 3 pairs
     assert len([k for k in values if k.startswith("specialization_loss_layer_")]) == 4
     return values, grads
@@ -138,8 +140,10 @@ def test_shared_expert_slot_is_layout_invariant(layout, shared_workdir):
 def test_bf16_matches_fp32_within_bf16_precision(workdir, reference):
     values, grads = probe(workdir / "bf16", ["--bf16", "--load", str(workdir / "init"), "--finetune"], 1)
     ref_values, ref_grads = reference
-    for key, expected in ref_values.items():
-        assert values[key] == pytest.approx(expected, rel=3e-2, abs=2e-3), key
+    losses = [k for k in ref_values if k.startswith(("specialization_loss", "coupling_loss"))]
+    assert losses
+    for key in losses:  # (routing counts are discrete: bf16 may move a token to another expert)
+        assert values[key] == pytest.approx(ref_values[key], rel=3e-2, abs=2e-3), key
     for key in _router_and_fc1(ref_grads):
         a, b = grads[key].float().flatten(), ref_grads[key].flatten()
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98, key

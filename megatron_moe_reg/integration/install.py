@@ -19,7 +19,10 @@ import torch.distributed as dist
 from megatron_moe_reg.config import PluginConfig, moe_layer_pattern
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.integration.coupling import CouplingController, PipelineNeighbours
+from megatron_moe_reg.integration.expert_similarity import ExpertSimilarityProbe
+from megatron_moe_reg.integration.orthogonality import WeightOrthogonality
 from megatron_moe_reg.integration.router import PluginRouterMixin
+from megatron_moe_reg.integration.routing_stats import RoutingStats
 from megatron_moe_reg.integration.specialization import SpecializationProbe
 from megatron_moe_reg.integration.tracker import get_tracker
 
@@ -81,6 +84,20 @@ class Regularizers:
                                            include_shared=plugin.moe_specialization_include_shared_experts,
                                            tracker=self.tracker, num_layers=self.num_layers)
                        for layer in layers]
+        self.orthogonality = [
+            WeightOrthogonality(layer, coeff=plugin.moe_weight_orthogonality_coeff,
+                                kind=plugin.moe_weight_orthogonality_weights, tracker=self.tracker,
+                                num_layers=self.num_layers)
+            for layer in layers] if (plugin.moe_weight_orthogonality_coeff > 0 or plugin.moe_reg_measure) else []
+        self.similarity = [ExpertSimilarityProbe(layer, sample_tokens=plugin.moe_metrics_sample_tokens,
+                                                 tracker=self.tracker, num_layers=self.num_layers)
+                           for layer in layers] if plugin.moe_metrics_interval else []
+        self.routing_stats: Optional[RoutingStats] = None
+        if plugin.moe_reg_measure:
+            self.routing_stats = RoutingStats(self.num_layers, self.config.num_moe_experts,
+                                              self.config.sequence_parallel)
+            for layer in layers:
+                layer.router.moe_reg_stats = self.routing_stats
         local = sorted(layer.layer_number for layer in layers)
         moe_numbers = [i + 1 for i, v in enumerate(moe_layer_pattern(self.config.moe_layer_freq, self.num_layers)) if v]
         self.coupling: Optional[CouplingController] = None
@@ -97,6 +114,7 @@ class Regularizers:
             for chunk in chunks:
                 chunk.register_forward_pre_hook(self._begin_forward)
         self.measure = False
+        self.expensive = False
 
     @property
     def skipped_coupling_pairs(self) -> list:
@@ -115,30 +133,47 @@ class Regularizers:
         if self.coupling is not None and (p.moe_coupling_loss_coeff > 0 or (measured and p.moe_reg_measure)):
             out.append("coupling_loss")
         if measured and p.moe_reg_measure:
-            out += ["router_sigma_max", "router_stable_rank"]
+            out += ["routing_entropy", "router_sigma_max", "router_stable_rank", "router_row_orthogonality_error",
+                    "weight_mso_fc1", "weight_mso_fc2"]
             if p.moe_router_type in ("ermoe", "emoe"):
                 out.append("router_basis_orthonormality_error")
             if p.moe_router_type == "ermoe" and p.moe_eigen_threshold is not None:
                 out.append("eigen_qualified_fraction")
+        if self.expensive:
+            out += ["pes", "activation_mso"]
         return out
 
-    def set_coefficients(self, specialization: float, coupling: float) -> None:
-        """Change λ_sp and λ_cp between steps (e.g. a coefficient schedule or an A/B benchmark)."""
+    def set_coefficients(self, specialization: float, coupling: float,
+                         orthogonality: Optional[float] = None) -> None:
+        """Change λ_sp, λ_cp (and λ_orth) between steps (e.g. a coefficient schedule or an A/B benchmark)."""
         self.plugin.moe_specialization_loss_coeff = specialization
         self.plugin.moe_coupling_loss_coeff = coupling
         for probe in self.probes:
             probe.coeff = specialization
         if self.coupling is not None:
             self.coupling.coeff = coupling
+        if orthogonality is not None:
+            if orthogonality > 0 and not self.orthogonality:
+                raise ConfigError("the weight-orthogonality loss was not installed (--no-moe-reg-measure and "
+                                  "--moe-weight-orthogonality-coeff 0 at start)")
+            self.plugin.moe_weight_orthogonality_coeff = orthogonality
+            for module in self.orthogonality:
+                module.coeff = orthogonality
 
-    def begin_step(self, measure: bool) -> None:
+    def begin_step(self, measure: bool, expensive: bool = False) -> None:
+        """``measure``: a log-interval step; ``expensive``: also PES / activation MSO (metrics interval)."""
         self.measure = measure and self.plugin.moe_reg_measure
+        self.expensive = expensive and bool(self.similarity)
+        for probe in self.similarity:
+            probe.begin_step(self.expensive)
         self.step_id += 1
         for router in self.routers:
             router.moe_reg_step = self.step_id
             router.moe_reg_measure = self.measure
         for probe in self.probes:
             probe.measure = self.measure
+        for orthogonality in self.orthogonality:
+            orthogonality.begin_step(self.measure)
         if self.coupling is not None:
             self.coupling.measure = self.measure
 
@@ -149,9 +184,12 @@ class Regularizers:
     def report(self, iteration: int, writer=None, per_layer: bool = True) -> dict[str, float]:
         """Reduce this step's values over all ranks (call on every rank)."""
         names = self.names(self.measure)
-        if not names:
-            return {}
-        return self.tracker.report(names, self.num_layers, iteration, writer=writer, per_layer=per_layer)
+        out = {}
+        if names:
+            out = self.tracker.report(names, self.num_layers, iteration, writer=writer, per_layer=per_layer)
+        if self.measure and self.routing_stats is not None:
+            out.update(self.routing_stats.report(iteration, writer=writer, per_layer=per_layer))
+        return out
 
 
 def install(model_chunks: list, plugin: PluginConfig) -> Regularizers:

@@ -5,8 +5,9 @@ any score function, expert bias, group-limited routing, capacity, aux losses), t
 
 - keeps this forward's routing map for the specialization loss;
 - attaches the SR-MoE router penalties (``losses.router_penalties``) on ``penalty_matrix()``;
-- records the router geometry (σ_max and stable rank of ``penalty_matrix()``; orthonormality
-  error for eigenbasis routers) on measured steps;
+- records the router geometry (σ_max, stable rank and row orthogonality of ``penalty_matrix()``;
+  orthonormality error for eigenbasis routers) and the routing entropy on measured steps, and
+  adds every step's expert load to the installed ``RoutingStats``;
 - lets the installed observers (the coupling loss) attach their losses.
 
 σ_max for penalties and the spectral router comes from power iteration with persistent
@@ -34,6 +35,8 @@ from megatron_moe_reg.losses.router_penalties import (
     stable_rank,
     stable_rank_penalty,
 )
+from megatron_moe_reg.metrics.geometry import row_orthogonality_error
+from megatron_moe_reg.metrics.routing import router_distribution, routing_entropy
 
 
 @dataclass
@@ -68,6 +71,7 @@ class PluginRouterMixin:
     moe_reg_step: Optional[int] = None  # the optimizer step being run
     moe_reg_measure: bool = False
     tracker = None
+    moe_reg_stats = None  # RoutingStats when measurements are on
     needs_sigma: bool = False  # a router whose logits use σ (spectral)
 
     def _init_plugin(self, plugin) -> None:
@@ -133,6 +137,7 @@ class PluginRouterMixin:
             if torch.is_grad_enabled():
                 probs = self._attach_penalties(probs, self.moe_reg_last_routing)
                 self._record_geometry()
+                self._record_routing(logits, self.moe_reg_last_routing)
             for observer in self.moe_reg_observers:
                 probs = observer.after_routing(self, logits, probs, routing_map, flat_mask)
         return probs, routing_map
@@ -155,6 +160,18 @@ class PluginRouterMixin:
             probs = attach_local_mean_loss(probs, penalty, p.moe_router_stable_rank_coeff, **kwargs)
         return probs
 
+    def _record_routing(self, logits: torch.Tensor, routing: RoutingRecord) -> None:
+        """Expert load every step; routing entropy of the full distribution on measured steps."""
+        if self.moe_reg_stats is None:
+            return
+        keep = routing.keep_mask()
+        self.moe_reg_stats.add(self.layer_number, routing.routing_map, keep)
+        if self.moe_reg_measure and self.tracker is not None:
+            scores = logits.detach().reshape(-1, self.config.num_moe_experts)
+            entropy = routing_entropy(router_distribution(scores, self.config.moe_router_score_function), keep)
+            self.tracker.record("routing_entropy", entropy, self.layer_number, self.config.num_layers,
+                                avg_group=self.tp_cp_group)
+
     def _record_geometry(self) -> None:
         """Exact σ_max and stable rank (and basis orthonormality error) once per measured step."""
         if not (self.moe_reg_measure and self.tracker is not None) or self._measured_step == self.moe_reg_step:
@@ -166,6 +183,8 @@ class PluginRouterMixin:
             sigma = torch.linalg.matrix_norm(W, ord=2)
             self.tracker.record("router_sigma_max", sigma, self.layer_number, num_layers)
             self.tracker.record("router_stable_rank", stable_rank(W, sigma.clamp_min(EPS)), self.layer_number,
+                                num_layers)
+            self.tracker.record("router_row_orthogonality_error", row_orthogonality_error(W), self.layer_number,
                                 num_layers)
             error = self.orthonormality_error()
             if error is not None:

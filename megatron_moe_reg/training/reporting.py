@@ -12,6 +12,11 @@ from typing import Optional
 from megatron_moe_reg.training.distributed import is_rank0
 
 
+def _detail(key: str) -> bool:
+    """Per-layer values and percentiles over layers go to TensorBoard and JSON lines, not the console."""
+    return "_layer_" in key or key.endswith(("_p50", "_p90", "_p95"))
+
+
 class Reporter:
     """Collects per-step metrics and writes them at the log interval."""
 
@@ -77,7 +82,7 @@ class Reporter:
         parts = [f"iteration {iteration:>6d}/{self.cfg.train.train_iters}",
                  f"lm loss {avg['lm loss']:.4f}", f"lr {avg['lr']:.3e}", f"grad norm {avg['grad norm']:.3f}"]
         shown = {"lm loss", "lr", "grad norm", "tokens", "tokens/s", "step seconds", "skipped"}
-        parts += [f"{k} {v:.5g}" for k, v in avg.items() if k not in shown and "_layer_" not in k]
+        parts += [f"{k} {v:.5g}" for k, v in avg.items() if k not in shown and not _detail(k)]
         parts += [f"tokens/s {avg['tokens/s']:,.0f}", f"ms/step {1000 * avg['step seconds']:.0f}"]
         if avg["skipped"]:
             parts.append(f"skipped {avg['skipped']}")

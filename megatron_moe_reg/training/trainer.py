@@ -151,7 +151,9 @@ def train(ctx: TrainingContext) -> dict:
             started = time.time()
             regularizers = ctx.extras.get("regularizers")
             if regularizers is not None:
-                regularizers.begin_step(measure=(iteration + 1) % cfg.log.log_interval == 0)
+                interval = cfg.plugin.moe_metrics_interval
+                regularizers.begin_step(measure=(iteration + 1) % cfg.log.log_interval == 0,
+                                        expensive=bool(interval) and (iteration + 1) % interval == 0)
             metrics = train_step(ctx, train_iter)
             metrics.update(_report_moe(ctx, iteration + 1, reporter.writer))
             if regularizers is not None:

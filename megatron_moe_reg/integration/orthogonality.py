@@ -1,0 +1,67 @@
+"""The weight-orthogonality loss and the weight-space MSO inside Megatron, exact under EP and ETP.
+
+Every rank of a layer's EP x ETP group computes the same L_orth over *all* E experts
+(``expert_weights.all_experts_gram``: the local weights are all-gathered over EP and the partial
+Gram is summed over ETP). The loss is attached to the experts' output once per micro-batch with
+``aux_loss.attach_local_mean_loss`` (a parameter-only loss, like the router penalties). Scale
+check, as for the router penalties: each expert slice receives the sum of the EP x ETP copies'
+gradients, and Megatron's DDP sums expert gradients over the expert-DP group with the factor
+1/(dp x cp); since edp x ep x etp = dp x cp x tp, the net factor is tp x (coeff / tp_cp) x cp
+(the autoscaler's cp factor) = coeff. With ``calculate_per_token_loss`` the token-count factors
+cancel the same way. Cost per MoE layer and micro-batch: an all-gather of the layer's expert
+weights over EP and an E x E Gram of length-D rows (D = 2FH/etp for fc1), forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
+from megatron_moe_reg.integration.expert_weights import WEIGHT_KINDS, all_experts_gram
+from megatron_moe_reg.losses.weight_orthogonality import weight_orthogonality_from_gram
+
+
+class WeightOrthogonality:
+    """L_orth of one MoE layer (when ``coeff`` > 0) and its weight MSO on measured steps."""
+
+    def __init__(self, moe_layer, *, coeff: float, kind: str, tracker, num_layers: int):
+        self.layer, self.experts, self.router = moe_layer, moe_layer.experts, moe_layer.router
+        self.coeff, self.kind = coeff, kind
+        self.tracker, self.num_layers = tracker, num_layers
+        self.ep_group = getattr(self.experts, "ep_group", None)
+        self.etp_group = getattr(self.experts, "tp_group", None)
+        self.measure = False
+        self._measured = False
+        self.handle = self.experts.register_forward_hook(self._after_experts)
+
+    def begin_step(self, measure: bool) -> None:
+        self.measure, self._measured = measure, False
+
+    def measure_now(self) -> None:
+        """Record the weight MSO of fc1 and fc2 (collective over EP x ETP; no gradient)."""
+        with torch.no_grad():
+            for kind in WEIGHT_KINDS:
+                gram = all_experts_gram(self.experts, kind, self.ep_group, self.etp_group)
+                self.tracker.record(f"weight_mso_{kind}", weight_orthogonality_from_gram(gram),
+                                    self.layer.layer_number, self.num_layers)
+        self._measured = True
+
+    def _after_experts(self, module, inputs, output):
+        if not (self.layer.training and torch.is_grad_enabled()):
+            return None
+        if self.measure and not self._measured:
+            self.measure_now()
+        if self.coeff <= 0:
+            return None
+        loss = weight_orthogonality_from_gram(all_experts_gram(self.experts, self.kind, self.ep_group, self.etp_group))
+        routing = self.router.moe_reg_last_routing
+        out, bias = output
+        out = attach_local_mean_loss(
+            out, loss, self.coeff, tp_cp_size=self.router.tp_cp_group.size(),
+            calculate_per_token_loss=self.config.calculate_per_token_loss,
+            num_local_tokens=routing.keep_mask().sum())
+        return out, bias
+
+    @property
+    def config(self):
+        return self.layer.config

@@ -1,0 +1,67 @@
+"""Live routing metrics of every MoE layer: expert load over the logging window, routing entropy.
+
+Load: each router adds its routing map's column sums (kept tokens only, calls with gradients
+enabled, so activation recompute counts a micro-batch once) to ``counts[layer, expert]`` on
+every training step. At the report the counts are summed over every rank that routes distinct
+tokens: the pipeline group (disjoint layers), the data-parallel x context-parallel group and,
+with sequence parallelism, the tensor-parallel group (without it TP ranks route the same
+tokens). The statistics (``metrics.load_statistics``) are then computed per layer from the
+global counts, so they equal the single-process values for any DP/TP/EP/PP layout.
+
+Routing entropy (``metrics.routing_entropy``) is recorded through the plugin tracker on measured
+steps, a local token mean averaged like Megatron's z-loss (TP x CP, then DP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe_reg.metrics.routing import LOAD_STATISTICS, load_statistics, percentiles
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class RoutingStats:
+    def __init__(self, num_layers: int, num_experts: int, sequence_parallel: bool):
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=_device())
+        self.sequence_parallel = sequence_parallel
+
+    def add(self, layer_number: int, routing_map: torch.Tensor, keep_mask: torch.Tensor) -> None:
+        with torch.no_grad():
+            rows = routing_map[keep_mask] if not bool(keep_mask.all()) else routing_map
+            self.counts[layer_number - 1] += rows.sum(dim=0).to(self.counts)
+
+    def global_counts(self) -> torch.Tensor:
+        """counts summed over all ranks (collective; call on every rank)."""
+        from megatron.core import parallel_state as ps
+
+        counts = self.counts.clone()
+        dist.all_reduce(counts, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if self.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
+        return counts
+
+    def report(self, iteration: int, writer=None, per_layer: bool = True, prefix: str = "moe_reg") -> dict[str, float]:
+        """Per-layer load statistics of the window since the last report, their mean and p50/p90/p95
+        over layers; clears the window. Collective."""
+        counts = self.global_counts()
+        self.counts.zero_()
+        layers = [i for i in range(counts.shape[0]) if counts[i].sum() > 0]
+        if not layers:
+            return {}
+        per = {i: load_statistics(counts[i]) for i in layers}
+        out: dict[str, float] = {}
+        for name in LOAD_STATISTICS:
+            values = [per[i][name] for i in layers]
+            out[name] = sum(values) / len(values)
+            out.update({f"{name}_{q}": v for q, v in percentiles(values).items()})
+            if per_layer:
+                out.update({f"{name}_layer_{i}": per[i][name] for i in layers})
+        if writer is not None:
+            for key, value in out.items():
+                writer.add_scalar(f"{prefix}/{key}", value, iteration)
+        return out

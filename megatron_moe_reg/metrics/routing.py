@@ -1,0 +1,88 @@
+"""Routing entropy and expert load (pure functions, no gradient).
+
+    routing entropy   H_route = mean_t  H(p_t) / log E,   H(p) = -Σ_e p_e log p_e       (inferred)
+                      p_t = the router's full distribution over the E experts for token t
+    load entropy      H_load  = H(c / Σc) / log E,         c_e = tokens routed to expert e (inferred)
+    load statistics   min, max, std of c; cv = std / mean; max violation = max / mean - 1
+                      (Megatron-LM's MaxVio, the auxiliary-loss-free balancing paper's metric);
+                      dead experts = #{e : c_e = 0} over the counting window
+
+Both entropies lie in [0, 1]: 1 = uniform, 0 = one expert. Source labels: the routing-entropy
+metric is named by arXiv 2602.14159 and SimBal (papers.md §1, §6b) without a formula; the
+normalization by log E is our choice (so layers with different E compare).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOAD_STATISTICS = ("load_min", "load_max", "load_std", "load_cv", "load_max_violation", "dead_experts",
+                   "load_entropy")
+
+
+def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=dim)
+
+
+@torch.no_grad()
+def routing_entropy(probs_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens of the normalized entropy of each token's routing distribution, in [0, 1].
+
+    ``probs_TE`` rows must be distributions (softmax of the router logits, or normalized
+    sigmoid scores); ``token_mask_T`` (True = keep) drops padding.
+    """
+    p = probs_TE.double()
+    num_experts = p.shape[-1]
+    if num_experts < 2:
+        return torch.zeros((), dtype=torch.float64, device=p.device)
+    h = _entropy(p / p.sum(-1, keepdim=True).clamp_min(1e-30)) / math.log(num_experts)
+    if token_mask_T is not None:
+        h = h[token_mask_T.reshape(-1).to(torch.bool)]
+    return h.mean() if h.numel() else h.sum()
+
+
+@torch.no_grad()
+def load_entropy(counts_E: torch.Tensor) -> torch.Tensor:
+    """Normalized entropy of the load distribution c / Σc, in [0, 1] (0 when nothing was routed)."""
+    c = counts_E.double()
+    total = c.sum()
+    if c.numel() < 2 or total <= 0:
+        return torch.zeros((), dtype=torch.float64, device=c.device)
+    return _entropy(c / total) / math.log(c.numel())
+
+
+@torch.no_grad()
+def load_statistics(counts_E: torch.Tensor) -> dict[str, float]:
+    """min / max / std / cv / max violation / dead experts / load entropy of one layer's counts."""
+    c = counts_E.double()
+    mean = c.mean()
+    safe_mean = mean.clamp_min(1e-30)
+    std = c.std(unbiased=False)
+    return {
+        "load_min": float(c.min()),
+        "load_max": float(c.max()),
+        "load_std": float(std),
+        "load_cv": float(std / safe_mean),
+        "load_max_violation": float(c.max() / safe_mean - 1),
+        "dead_experts": float((c == 0).sum()),
+        "load_entropy": float(load_entropy(c)),
+    }
+
+
+def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 95)) -> dict[str, float]:
+    """p50/p90/p95 (linear interpolation) of per-layer values."""
+    if not values:
+        return {}
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"p{q}": float(torch.quantile(t, q / 100)) for q in qs}
+
+
+def router_distribution(logits_TE: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:
+    """The router's full distribution over experts: softmax of the logits, or normalized sigmoid scores."""
+    logits = logits_TE.double()
+    if score_function == "sigmoid":
+        s = torch.sigmoid(logits)
+        return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.softmax(logits, dim=-1)
