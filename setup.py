@@ -23,6 +23,7 @@ setup(
         "numpy",
         "tensorboard",
         "tqdm",
+        "matplotlib",
         "packaging",
         "psutil",
     ],

@@ -1,4 +1,4 @@
-"""``moe-reg``: the command-line entry (``pretrain``, ``prepare-data``)."""
+"""``moe-reg``: the command-line entry (``pretrain``, ``prepare-data``, ``analyze``, ``adapt``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import warnings
 COMMANDS = {
     "pretrain": "pretrain a GPT-MoE on megatron-core (also: torchrun -m megatron_moe_reg.pretrain)",
     "prepare-data": "build a tokenizer and Megatron indexed datasets (default: the embedded corpus)",
+    "analyze": "routing report of checkpoints: metrics.json, plots and index.html",
+    "adapt": "fine-tune the experts of a held-out domain and measure interference (SR-MoE's test)",
 }
 
 
@@ -51,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_moe_reg.pretrain import main as pretrain_main
 
         return run_guarded(pretrain_main, rest)
+    if command == "analyze":
+        from megatron_moe_reg.analysis.cli import main as analyze_main
+
+        return run_guarded(analyze_main, rest)
+    if command == "adapt":
+        from megatron_moe_reg.analysis.adapt import main as adapt_main
+
+        return run_guarded(adapt_main, rest)
     from megatron_moe_reg.training.prepare_data import main as prepare_main
 
     return run_guarded(prepare_main, rest)

@@ -1,0 +1,1 @@
+"""``moe-reg analyze``: evaluate checkpoints on the same validation tokens and write a report."""

@@ -1,0 +1,272 @@
+"""Evaluate one checkpoint on the analysis tokens in a single CPU/GPU process (any saved layout).
+
+    python -m megatron_moe_reg.analysis.evaluate --load CKPT --out RESULT.json [--data-path P ...]
+        [--num-tokens N] [--sample-tokens S] [--micro-batch-size B]
+
+The model is rebuilt from the run configuration stored in the checkpoint with every parallel
+size set to 1 and loaded through ``dist_checkpointing`` (which reshards any TP/EP/PP layout).
+Per MoE layer it captures the layer input x, the router logits and routing map, then computes
+(``metrics``): routing entropy, load statistics, the co-activation overlap of the routed experts'
+SwiGLU intermediates, PES and activation MSO of all experts on the first S tokens, weight MSO,
+router geometry, expert x domain counts and NMI, and the transitions of top-1 experts between
+consecutive MoE layers. Costs: one forward over N tokens, one extra pass of the routed experts
+over N tokens, and E expert passes over S tokens per MoE layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_moe_reg import metrics
+from megatron_moe_reg.errors import ConfigError
+
+
+def config_from_checkpoint(load: str):
+    """The checkpoint's run configuration, as one process with every parallel size 1."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_moe_reg.training import arguments, checkpointing, flags
+    from megatron_moe_reg.training.distributed import init_process_group
+
+    init_process_group("gloo")
+    path = checkpointing.resolve_iteration_dir(load)
+    saved = dist_checkpointing.load_common_state_dict(str(path)).get("moe_reg_config")
+    if not saved:
+        raise ConfigError(f"--load {load}: the checkpoint has no moe-reg run configuration "
+                          "(it was not written by 'moe-reg pretrain')")
+    values = {k: v for group in saved.values() for k, v in group.items()}
+    values.update(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
+        use_distributed_optimizer=False, recompute_granularity=None, recompute_method=None,
+        recompute_num_layers=None, recompute_modules=None, bf16=False, fp16=False,
+        train_iters=0, global_batch_size=None, lr_decay_iters=1, lr_warmup_iters=0, eval_iters=0,
+        eval_interval=None,
+        load=str(path.parent), save=None, save_interval=None, finetune=True, no_load_optim=True,
+        tensorboard_dir=None, log_file=None, progress_bar=False, mock_data=True,
+        data_path=None, train_data_path=None, valid_data_path=None, test_data_path=None,
+        moe_reg_measure=False)
+    groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in arguments.GROUPS}
+    cfg = arguments.RunConfig(**groups, world_size=1)
+    arguments.finalize(cfg)
+    return cfg, saved
+
+
+def load_single_process(load: str):
+    """(training context, run config, saved config) of a checkpoint loaded into one process."""
+    from megatron_moe_reg.training import checkpointing, trainer
+
+    cfg, saved = config_from_checkpoint(load)
+    ctx = trainer.setup(cfg)
+    checkpointing.load_checkpoint(ctx)
+    return ctx, cfg, saved
+
+
+def default_prefixes(data_path: list[str] | None, saved: dict) -> list[str]:
+    """``--data-path`` if given, else the checkpoint's validation data, else its training data."""
+    return _prefixes(data_path) or _prefixes(saved["data"].get("valid_data_path")) \
+        or _prefixes(saved["data"].get("data_path"))
+
+
+def _prefixes(entries: list[str] | None) -> list[str]:
+    """Dataset prefixes of a possibly weighted list ("w1 p1 w2 p2" or "p1 p2")."""
+    out = []
+    for item in entries or []:
+        try:
+            float(item)
+        except ValueError:
+            out.append(item)
+    return out
+
+
+class LayerCapture:
+    """Forward hooks of one MoE layer: its input, router logits and routing."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.inputs: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+        self.handle = layer.register_forward_pre_hook(self._pre, with_kwargs=True)
+        router = layer.router
+        original = router.routing
+
+        def routing(logits, *args, **kwargs):
+            probs, routing_map = original(logits, *args, **kwargs)
+            self.logits.append(logits.detach().reshape(-1, routing_map.shape[-1]).float())
+            self.maps.append(routing_map.detach())
+            self.probs.append(probs.detach().float())
+            return probs, routing_map
+
+        router.routing = routing
+
+    def _pre(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.inputs.append(hidden.detach().reshape(-1, hidden.shape[-1]).float())
+
+
+def _routed_z(layer, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+    """z_TKF: each token's routed experts' SwiGLU intermediates (experts in ascending order)."""
+    from megatron_moe_reg.integration.specialization import _fc1_modules, glu_intermediate
+
+    rows: list[torch.Tensor] = []
+
+    def capture(module, inputs, output):
+        out, bias = output if isinstance(output, tuple) else (output, None)
+        rows.append(glu_intermediate(out, bias, layer.config).float())
+
+    handles = [m.register_forward_hook(capture) for m in _fc1_modules(layer.experts)]
+    try:
+        token_ids = [torch.nonzero(routing_map[:, e]).flatten() for e in range(routing_map.shape[1])]
+        order = torch.cat(token_ids)
+        counts = torch.tensor([len(t) for t in token_ids])
+        layer.experts(x[order].to(_dtype(layer)), counts, torch.ones(len(order), dtype=torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+    z_rows = torch.cat(rows)
+    k = int(routing_map.sum(1).max())
+    slot = torch.cumsum(routing_map.long(), dim=1) - 1  # slot of expert e among a token's experts
+    experts_of_row = torch.repeat_interleave(torch.arange(routing_map.shape[1]), counts)
+    z = z_rows.new_zeros(x.shape[0], k, z_rows.shape[-1])
+    z[order, slot[order, experts_of_row]] = z_rows
+    return z
+
+
+def _all_expert_outputs(layer, x_sample: torch.Tensor) -> torch.Tensor:
+    """f_e(x) of every expert on the same tokens: [E, S, H]."""
+    num_experts = layer.config.num_moe_experts
+    s = x_sample.shape[0]
+    rows = x_sample.repeat(num_experts, 1).to(_dtype(layer))
+    out, _ = layer.experts(rows, torch.full((num_experts,), s), torch.ones(rows.shape[0], dtype=torch.float32))
+    return out.float().reshape(num_experts, s, -1)
+
+
+def _dtype(layer) -> torch.dtype:
+    return next(layer.experts.parameters()).dtype
+
+
+def _router_matrix(router) -> torch.Tensor:
+    return router.penalty_matrix() if hasattr(router, "penalty_matrix") else router.weight
+
+
+def evaluate(load: str, data_path: list[str] | None, num_tokens: int, sample_tokens: int,
+             micro_batch_size: int) -> dict:
+    ctx, cfg, saved = load_single_process(load)
+    with torch.no_grad():
+        return _measure(ctx, cfg, saved, load, data_path, num_tokens, sample_tokens, micro_batch_size)
+
+
+def _measure(ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sample_tokens: int,
+             micro_batch_size: int) -> dict:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_moe_reg.analysis.tokens import random_tokens, read_tokens
+    from megatron_moe_reg.integration.expert_weights import local_expert_weights
+    from megatron_moe_reg.training import checkpointing
+
+    model = ctx.gpt_model
+    model.eval()
+    seq = cfg.model.seq_length
+    prefixes = default_prefixes(data_path, saved)
+    data = read_tokens(prefixes, num_tokens, seq) if prefixes else \
+        random_tokens(num_tokens, seq, ctx.tokenizer.vocab_size)
+    layers = sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_number)
+    if not layers:
+        raise ConfigError(f"--load {load}: the model has no MoE layers")
+    captures = [LayerCapture(layer) for layer in layers]
+    device = next(model.parameters()).device
+    loss_sum, correct, count = 0.0, 0, 0
+    domains = []
+    for start in range(0, data.tokens.shape[0], micro_batch_size):
+        tokens = data.tokens[start:start + micro_batch_size].to(device)
+        labels = data.labels[start:start + micro_batch_size].to(device)
+        positions = torch.arange(seq, device=device).expand_as(tokens)
+        logits = model(tokens, positions, None).float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                            labels.reshape(-1), reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += labels.numel()
+        domains.append(data.domains[start:start + micro_batch_size].t().reshape(-1))  # MoE order: [S, B]
+    domain = torch.cat(domains)
+    num_domains = len(data.domain_names)
+    result: dict = {
+        "checkpoint": str(load), "iteration": int(checkpointing.latest_iteration(cfg.ckpt.load) or 0),
+        "router_type": cfg.plugin.moe_router_type, "num_experts": cfg.moe.num_experts,
+        "topk": cfg.moe.moe_router_topk, "num_tokens": count, "sample_tokens": 0,
+        "lm_loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
+        "token_accuracy": correct / count, "domain_names": data.domain_names, "layers": [],
+        "data_path": prefixes or None,
+    }
+    top1 = []
+    score_function = cfg.moe.moe_router_score_function
+    for layer, cap in zip(layers, captures):
+        x = torch.cat(cap.inputs)
+        routing_map = torch.cat(cap.maps).bool()
+        probs = torch.cat(cap.probs)
+        logits = torch.cat(cap.logits)
+        first = probs.masked_fill(~routing_map, -1.0).argmax(dim=1)
+        top1.append(first)
+        counts = routing_map.sum(0).double()
+        sample = x[:sample_tokens]
+        outputs = _all_expert_outputs(layer, sample)
+        result["sample_tokens"] = sample.shape[0]
+        expert_domain = metrics.joint_counts(first, domain, cfg.moe.num_experts, num_domains)
+        entry = {
+            "layer_number": layer.layer_number,
+            "routing_entropy": float(metrics.routing_entropy(metrics.router_distribution(logits, score_function))),
+            **metrics.load_statistics(counts),
+            "load_share": (counts / counts.sum()).tolist(),
+            "coactivation_overlap": float(metrics.coactivation_overlap(_routed_z(layer, x, routing_map))),
+            "pes": float(metrics.pairwise_expert_similarity(outputs)),
+            "activation_mso": float(metrics.activation_mso(outputs)),
+            "weight_mso_fc1": float(metrics.weight_mso(local_expert_weights(layer.experts, "fc1"))),
+            "weight_mso_fc2": float(metrics.weight_mso(local_expert_weights(layer.experts, "fc2"))),
+            **metrics.router_geometry(_router_matrix(layer.router).detach()),
+            "expert_domain_nmi": metrics.normalized_mutual_information(first, domain),
+            "expert_domain_counts": expert_domain.tolist(),
+        }
+        result["layers"].append(entry)
+    result["transitions"] = []
+    for i in range(len(layers) - 1):
+        joint = metrics.joint_counts(top1[i], top1[i + 1], cfg.moe.num_experts, cfg.moe.num_experts)
+        result["transitions"].append({
+            "from_layer": layers[i].layer_number, "to_layer": layers[i + 1].layer_number,
+            "mutual_information": metrics.pathway_mutual_information(top1[i], top1[i + 1], cfg.moe.num_experts),
+            "conditional_entropy": metrics.pathway_conditional_entropy(top1[i], top1[i + 1],
+                                                                       cfg.moe.num_experts),
+            "counts": joint.tolist(),
+        })
+    result["top10_pathway_share"] = metrics.top_pathway_share(torch.stack(top1), top=10)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    from megatron_moe_reg.training.distributed import teardown
+
+    p = argparse.ArgumentParser(prog="python -m megatron_moe_reg.analysis.evaluate")
+    p.add_argument("--load", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-path", nargs="+")
+    p.add_argument("--num-tokens", type=int, default=8192)
+    p.add_argument("--sample-tokens", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    a = p.parse_args(argv)
+    result = evaluate(a.load, a.data_path, a.num_tokens, a.sample_tokens, a.micro_batch_size)
+    Path(a.out).write_text(json.dumps(result))
+    teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    from megatron_moe_reg.cli import quiet_third_party_warnings, run_guarded
+
+    quiet_third_party_warnings()
+    sys.exit(run_guarded(main, sys.argv[1:]))
