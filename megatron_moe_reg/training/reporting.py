@@ -12,9 +12,15 @@ from typing import Optional
 from megatron_moe_reg.training.distributed import is_rank0
 
 
+CONSOLE_METRICS = frozenset({"routing_entropy", "load_max_violation", "dead_experts", "pes"})
+
+
 def _detail(key: str) -> bool:
-    """Per-layer values and percentiles over layers go to TensorBoard and JSON lines, not the console."""
-    return "_layer_" in key or key.endswith(("_p50", "_p90", "_p95"))
+    """What goes to TensorBoard and JSON lines only: per-layer values, percentiles over layers and
+    metrics other than the losses and a few routing summaries (``CONSOLE_METRICS``)."""
+    if "_layer_" in key or key.endswith(("_p50", "_p90", "_p95")):
+        return True
+    return not (key.endswith("loss") or key in CONSOLE_METRICS)
 
 
 class Reporter:
