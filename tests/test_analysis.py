@@ -133,3 +133,7 @@ def test_adapt_named_experts_and_bad_domain(checkpoints, embedded_dataset):
     proc = _adapt(out, "bad", ["--domain", "no-such-domain"], data, check=False)
     assert proc.returncode == 2 and "--domain no-such-domain" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+    tracker = (out / "ermoe" / "latest_checkpointed_iteration.txt").read_bytes()
+    proc = _adapt(out, "bad", ["--domain", domain, "--save", str(out / "ermoe")], data, check=False)
+    assert proc.returncode == 2 and "already holds a checkpoint" in proc.stderr
+    assert (out / "ermoe" / "latest_checkpointed_iteration.txt").read_bytes() == tracker

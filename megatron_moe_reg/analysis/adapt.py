@@ -92,8 +92,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--train-iters and --experts-per-layer must be >= 1 and --lr > 0")
     if not Path(a.load).is_dir():
         raise ConfigError(f"--load {a.load}: no such directory")
-    if a.save and Path(a.save).resolve() == Path(a.load).resolve():
-        raise ConfigError("--save must differ from --load (the original checkpoint is kept)")
+    if a.save:
+        from megatron_moe_reg.training.checkpointing import latest_iteration
+
+        if Path(a.save).resolve() == Path(a.load).resolve() or latest_iteration(a.save) is not None:
+            raise ConfigError(f"--save {a.save} already holds a checkpoint; give a new directory "
+                              "(existing checkpoints are never overwritten)")
     result = adapt(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +122,7 @@ def adapt(a) -> dict:
     prefixes = default_prefixes(a.data_path, saved)
     if not prefixes:
         raise ConfigError("--data-path: the checkpoint was trained on --mock-data; give dataset prefixes with domains")
-    docs, names = read_documents(prefixes, 1 << 62)
+    docs, names = read_documents(prefixes, 1 << 62, chunk=1 << 62)  # whole documents
     if a.domain not in names:
         raise ConfigError(f"--domain {a.domain}: not among the data's domains ({', '.join(sorted(set(names))[:20])}"
                           f"{' ...' if len(set(names)) > 20 else ''})")

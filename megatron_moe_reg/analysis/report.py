@@ -42,10 +42,10 @@ def summary(result: dict) -> dict[str, float]:
 
 
 def _heatmap(plt, matrix, title, xlabel, ylabel, path, yticks=None, xticks=None):
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(matrix[0]) + 2), max(3, 0.3 * len(matrix) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(matrix[0]) + 2), max(3.5, 0.3 * len(matrix) + 1.5)))
     image = ax.imshow(matrix, aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if yticks is not None:

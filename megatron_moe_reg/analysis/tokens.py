@@ -1,9 +1,10 @@
-"""The analysis tokens: the first N tokens of the validation documents, with their domains.
+"""The analysis tokens: N tokens of the validation documents, with their domains.
 
-Documents are read in index order from Megatron indexed datasets (``moe-reg prepare-data``
-writes one document per sequence and ``PREFIX.domains.json`` with each document's domain;
-without that file every document of a prefix takes the prefix's name as its domain), joined
-and cut into sequences of ``seq_length + 1`` tokens (inputs and next-token labels).
+Documents are read from Megatron indexed datasets (``moe-reg prepare-data`` writes one document
+per sequence and ``PREFIX.domains.json`` with each document's domain; without that file every
+document of a prefix takes the prefix's name as its domain), taken round-robin over the domains
+in pieces of up to 256 tokens so that N tokens cover as many domains as they can, joined and cut
+into sequences of ``seq_length + 1`` tokens (inputs and next-token labels).
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ def _domains_of(prefix: str, num_documents: int) -> tuple[list[str], list[int]]:
     return [Path(prefix).name], [0] * num_documents
 
 
-def read_documents(prefixes: list[str], max_tokens: int) -> tuple[list[tuple[np.ndarray, int]], list[str]]:
-    """(token ids, domain index) of the documents in index order, until ``max_tokens`` are read."""
+def read_documents(prefixes: list[str], max_tokens: int,
+                   chunk: int = 256) -> tuple[list[tuple[np.ndarray, int]], list[str]]:
+    """(token ids, domain index) pieces of at most ``chunk`` tokens, taken round-robin over the
+    domains (each domain's documents in index order), until ``max_tokens`` are read."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     names: list[str] = []
-    docs: list[tuple[np.ndarray, int]] = []
-    have = 0
+    by_domain: dict[int, list] = {}
     for prefix in prefixes:
         if not Path(prefix + ".idx").is_file():
             raise ConfigError(f"--data-path {prefix}: no {prefix}.idx (give the prefix of a Megatron indexed "
@@ -51,12 +53,31 @@ def read_documents(prefixes: list[str], max_tokens: int) -> tuple[list[tuple[np.
         offset = len(names)
         names += doc_names
         for i in range(len(dataset)):
+            by_domain.setdefault(offset + doc_domains[i], []).append((dataset, i))
+    return _round_robin(by_domain, max_tokens, chunk), names
+
+
+def _round_robin(by_domain: dict[int, list], max_tokens: int, chunk: int) -> list[tuple[np.ndarray, int]]:
+    """Pieces of at most ``chunk`` tokens, one per domain in turn, until ``max_tokens`` are taken."""
+    streams = {d: [0, 0] for d in by_domain}  # domain -> [document position, token offset]
+    pieces: list[tuple[np.ndarray, int]] = []
+    have = 0
+    while have < max_tokens and streams:
+        for domain in sorted(streams):
             if have >= max_tokens:
-                return docs, names
-            doc = np.asarray(dataset[i], dtype=np.int64)
-            docs.append((doc, offset + doc_domains[i]))
-            have += len(doc)
-    return docs, names
+                break
+            position, offset = streams[domain]
+            if position >= len(by_domain[domain]):
+                del streams[domain]
+                continue
+            dataset, i = by_domain[domain][position]
+            doc = dataset[i]
+            piece = np.asarray(doc[offset: offset + min(chunk, max_tokens - have)], dtype=np.int64)
+            pieces.append((piece, domain))
+            have += len(piece)
+            offset += len(piece)
+            streams[domain] = [position + 1, 0] if offset >= len(doc) else [position, offset]
+    return pieces
 
 
 def sequences(docs: list[tuple[np.ndarray, int]], names: list[str], num_tokens: int,
