@@ -30,9 +30,9 @@ class RoutingStats:
         self.sequence_parallel = sequence_parallel
 
     def add(self, layer_number: int, routing_map: torch.Tensor, keep_mask: torch.Tensor) -> None:
-        with torch.no_grad():
-            rows = routing_map[keep_mask] if not bool(keep_mask.all()) else routing_map
-            self.counts[layer_number - 1] += rows.sum(dim=0).to(self.counts)
+        with torch.no_grad():  # no host-device synchronization
+            kept = routing_map & keep_mask.reshape(-1, 1)
+            self.counts[layer_number - 1] += kept.sum(dim=0).to(self.counts)
 
     def global_counts(self) -> torch.Tensor:
         """counts summed over all ranks (collective; call on every rank)."""
