@@ -40,34 +40,18 @@ def _parse_experts(items: list[str]) -> list[tuple[int, int]]:
     return out
 
 
-@torch.no_grad()
-def _evaluate(model, data, micro_batch_size: int) -> dict[str, float]:
-    model.eval()
-    loss, correct, count = 0.0, 0, 0
-    seq = data.tokens.shape[1]
-    for start in range(0, data.tokens.shape[0], micro_batch_size):
-        tokens, labels = data.tokens[start:start + micro_batch_size], data.labels[start:start + micro_batch_size]
-        logits = model(tokens, torch.arange(seq).expand_as(tokens), None).float()
-        loss += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                        reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        count += labels.numel()
-    return {"lm_loss": loss / count, "token_accuracy": correct / count, "tokens": count}
+def _top_experts(model, data, per_layer: int, micro_batch_size: int) -> list[tuple[int, int]]:
+    """Per MoE layer, the ``per_layer`` experts that take most of ``data``'s top-1 routing."""
+    from megatron_moe_reg.analysis.evaluate import LayerCapture, lm_metrics
+    from megatron_moe_reg.integration.install import moe_layers
 
-
-def _top_experts(layers, data, per_layer: int, micro_batch_size: int, model) -> list[tuple[int, int]]:
-    from megatron_moe_reg.analysis.evaluate import LayerCapture
-
-    captures = [LayerCapture(layer) for layer in layers]
-    _evaluate(model, data, micro_batch_size)
+    captures = [LayerCapture(layer) for layer in moe_layers(model)]
+    lm_metrics(model, data, micro_batch_size)
     chosen = []
-    for layer, cap in zip(layers, captures):
-        probs, routing_map = torch.cat(cap.probs), torch.cat(cap.maps).bool()
-        top1 = probs.masked_fill(~routing_map, -1.0).argmax(1)
-        counts = torch.bincount(top1, minlength=routing_map.shape[1])
-        chosen += [(layer.layer_number, int(e)) for e in counts.argsort(descending=True, stable=True)[:per_layer]]
-        cap.handle.remove()
-        del layer.router.routing  # back to the class method
+    for cap in captures:
+        counts = torch.bincount(cap.top1(), minlength=cap.layer.config.num_moe_experts)
+        chosen += [(cap.layer.layer_number, int(e)) for e in counts.argsort(descending=True, stable=True)[:per_layer]]
+        cap.remove()
     return chosen
 
 
@@ -109,12 +93,12 @@ def main(argv: list[str]) -> int:
 
 
 def adapt(a) -> dict:
-    from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_moe_reg.analysis.evaluate import default_prefixes, load_single_process
+    from megatron_moe_reg.analysis.evaluate import default_prefixes, lm_metrics, load_single_process
     from megatron_moe_reg.analysis.tokens import read_documents, sequences
     from megatron_moe_reg.integration.expert_weights import WEIGHT_KINDS, local_expert_weights
+    from megatron_moe_reg.integration.install import moe_layers
     from megatron_moe_reg.training import checkpointing
     from megatron_moe_reg.training.distributed import teardown
 
@@ -134,17 +118,16 @@ def adapt(a) -> dict:
     original = sequences([d for d in docs if d[1] not in target], names, a.num_tokens, seq)
 
     model = ctx.gpt_model
-    layers = sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_number)
-    by_number = {layer.layer_number: layer for layer in layers}
+    by_number = {layer.layer_number: layer for layer in moe_layers(model)}
     chosen = _parse_experts(a.experts) if a.experts else \
-        _top_experts(layers, train_data, a.experts_per_layer, a.micro_batch_size, model)
+        _top_experts(model, train_data, a.experts_per_layer, a.micro_batch_size)
     for layer_number, expert in chosen:
         if layer_number not in by_number or not 0 <= expert < cfg.moe.num_experts:
             raise ConfigError(f"--experts {layer_number}:{expert}: MoE layers are {sorted(by_number)}, "
                               f"experts 0..{cfg.moe.num_experts - 1}")
     params = [local_expert_weights(by_number[n].experts, kind)[e] for n, e in chosen for kind in WEIGHT_KINDS]
-    before = {"original": _evaluate(model, original, a.micro_batch_size),
-              "new": _evaluate(model, new_eval, a.micro_batch_size)}
+    before = {"original": lm_metrics(model, original, a.micro_batch_size),
+              "new": lm_metrics(model, new_eval, a.micro_batch_size)}
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -155,12 +138,13 @@ def adapt(a) -> dict:
     MoEAuxLossAutoScaler.set_loss_scale(torch.zeros(()))  # LM loss only
     order = random.Random(a.seed)
     rows = list(range(train_data.tokens.shape[0]))
+    device = next(model.parameters()).device
     losses = []
     model.train()
     for _ in range(a.train_iters):
         batch = order.sample(rows, min(a.micro_batch_size, len(rows)))
-        tokens, labels = train_data.tokens[batch], train_data.labels[batch]
-        per_token = model(tokens, torch.arange(seq).expand_as(tokens), None, labels=labels)
+        tokens, labels = train_data.tokens[batch].to(device), train_data.labels[batch].to(device)
+        per_token = model(tokens, torch.arange(seq, device=device).expand_as(tokens), None, labels=labels)
         loss = per_token.float().mean()
         loss.backward()
         for param in params:  # Megatron's DDP hooks accumulate into main_grad
@@ -172,8 +156,8 @@ def adapt(a) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    after = {"original": _evaluate(model, original, a.micro_batch_size),
-             "new": _evaluate(model, new_eval, a.micro_batch_size)}
+    after = {"original": lm_metrics(model, original, a.micro_batch_size),
+             "new": lm_metrics(model, new_eval, a.micro_batch_size)}
     if a.save:
         ctx.cfg.ckpt.save = a.save
         for key, value in saved["data"].items():  # the data the model was trained on, not the analysis's

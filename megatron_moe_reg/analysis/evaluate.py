@@ -75,14 +75,12 @@ def default_prefixes(data_path: list[str] | None, saved: dict) -> list[str]:
 
 
 def _prefixes(entries: list[str] | None) -> list[str]:
-    """Dataset prefixes of a possibly weighted list ("w1 p1 w2 p2" or "p1 p2")."""
-    out = []
-    for item in entries or []:
-        try:
-            float(item)
-        except ValueError:
-            out.append(item)
-    return out
+    """Dataset prefixes of a possibly weighted list ("w1 p1 w2 p2" or "p1 p2"), parsed as the
+    dataset builder parses it."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    blend = get_blend_from_list(entries)
+    return list(blend[0]) if blend else []
 
 
 class LayerCapture:
@@ -111,6 +109,39 @@ class LayerCapture:
         hidden = args[0] if args else kwargs["hidden_states"]
         self.inputs.append(hidden.detach().reshape(-1, hidden.shape[-1]).float())
 
+    def routing_map(self) -> torch.Tensor:
+        return torch.cat(self.maps).bool()
+
+    def top1(self) -> torch.Tensor:
+        """Each token's routed expert with the largest probability."""
+        return torch.cat(self.probs).masked_fill(~self.routing_map(), -1.0).argmax(dim=1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        del self.layer.router.routing  # back to the class method
+
+
+@torch.no_grad()
+def lm_metrics(model, data, micro_batch_size: int) -> dict[str, float]:
+    """Next-token LM loss and accuracy of ``model`` (eval mode) over ``data``, in micro-batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss, correct, count = 0.0, 0, 0
+    for start in range(0, data.tokens.shape[0], micro_batch_size):
+        tokens = data.tokens[start:start + micro_batch_size].to(device)
+        labels = data.labels[start:start + micro_batch_size].to(device)
+        logits = model(tokens, torch.arange(tokens.shape[1], device=device).expand_as(tokens), None).float()
+        loss += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                        reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += labels.numel()
+    return {"lm_loss": loss / count, "token_accuracy": correct / count, "tokens": count}
+
+
+def moe_token_order(values_BS: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """Per-token values in the order the MoE layers see the tokens ([S, B] per micro-batch)."""
+    return torch.cat([chunk.t().reshape(-1) for chunk in values_BS.split(micro_batch_size)])
+
 
 def _routed_z(layer, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
     """z_TKF: each token's routed experts' SwiGLU intermediates (experts in ascending order)."""
@@ -127,7 +158,8 @@ def _routed_z(layer, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor
         token_ids = [torch.nonzero(routing_map[:, e]).flatten() for e in range(routing_map.shape[1])]
         order = torch.cat(token_ids)
         counts = torch.tensor([len(t) for t in token_ids])
-        layer.experts(x[order].to(_dtype(layer)), counts, torch.ones(len(order), dtype=torch.float32))
+        layer.experts(x[order].to(next(layer.experts.parameters()).dtype), counts,
+                      torch.ones(len(order), dtype=torch.float32))
     finally:
         for h in handles:
             h.remove()
@@ -138,19 +170,6 @@ def _routed_z(layer, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor
     z = z_rows.new_zeros(x.shape[0], k, z_rows.shape[-1])
     z[order, slot[order, experts_of_row]] = z_rows
     return z
-
-
-def _all_expert_outputs(layer, x_sample: torch.Tensor) -> torch.Tensor:
-    """f_e(x) of every expert on the same tokens: [E, S, H]."""
-    num_experts = layer.config.num_moe_experts
-    s = x_sample.shape[0]
-    rows = x_sample.repeat(num_experts, 1).to(_dtype(layer))
-    out, _ = layer.experts(rows, torch.full((num_experts,), s), torch.ones(rows.shape[0], dtype=torch.float32))
-    return out.float().reshape(num_experts, s, -1)
-
-
-def _dtype(layer) -> torch.dtype:
-    return next(layer.experts.parameters()).dtype
 
 
 def _router_matrix(router) -> torch.Tensor:
@@ -166,57 +185,42 @@ def evaluate(load: str, data_path: list[str] | None, num_tokens: int, sample_tok
 
 def _measure(ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sample_tokens: int,
              micro_batch_size: int) -> dict:
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
     from megatron_moe_reg.analysis.tokens import random_tokens, read_tokens
-    from megatron_moe_reg.integration.expert_weights import local_expert_weights
+    from megatron_moe_reg.integration.expert_weights import local_expert_outputs, local_expert_weights
+    from megatron_moe_reg.integration.install import moe_layers
     from megatron_moe_reg.training import checkpointing
 
     model = ctx.gpt_model
-    model.eval()
     seq = cfg.model.seq_length
     prefixes = default_prefixes(data_path, saved)
     data = read_tokens(prefixes, num_tokens, seq) if prefixes else \
         random_tokens(num_tokens, seq, ctx.tokenizer.vocab_size)
-    layers = sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_number)
+    layers = moe_layers(model)
     if not layers:
         raise ConfigError(f"--load {load}: the model has no MoE layers")
     captures = [LayerCapture(layer) for layer in layers]
-    device = next(model.parameters()).device
-    loss_sum, correct, count = 0.0, 0, 0
-    domains = []
-    for start in range(0, data.tokens.shape[0], micro_batch_size):
-        tokens = data.tokens[start:start + micro_batch_size].to(device)
-        labels = data.labels[start:start + micro_batch_size].to(device)
-        positions = torch.arange(seq, device=device).expand_as(tokens)
-        logits = model(tokens, positions, None).float()
-        loss_sum += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                            labels.reshape(-1), reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        count += labels.numel()
-        domains.append(data.domains[start:start + micro_batch_size].t().reshape(-1))  # MoE order: [S, B]
-    domain = torch.cat(domains)
+    lm = lm_metrics(model, data, micro_batch_size)
+    domain = moe_token_order(data.domains, micro_batch_size)
     num_domains = len(data.domain_names)
     result: dict = {
         "checkpoint": str(load), "iteration": int(checkpointing.latest_iteration(cfg.ckpt.load) or 0),
         "router_type": cfg.plugin.moe_router_type, "num_experts": cfg.moe.num_experts,
-        "topk": cfg.moe.moe_router_topk, "num_tokens": count, "sample_tokens": 0,
-        "lm_loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
-        "token_accuracy": correct / count, "domain_names": data.domain_names, "layers": [],
+        "topk": cfg.moe.moe_router_topk, "num_tokens": lm["tokens"], "sample_tokens": 0,
+        "lm_loss": lm["lm_loss"], "perplexity": math.exp(min(lm["lm_loss"], 50.0)),
+        "token_accuracy": lm["token_accuracy"], "domain_names": data.domain_names, "layers": [],
         "data_path": prefixes or None,
     }
     top1 = []
     score_function = cfg.moe.moe_router_score_function
     for layer, cap in zip(layers, captures):
         x = torch.cat(cap.inputs)
-        routing_map = torch.cat(cap.maps).bool()
-        probs = torch.cat(cap.probs)
+        routing_map = cap.routing_map()
         logits = torch.cat(cap.logits)
-        first = probs.masked_fill(~routing_map, -1.0).argmax(dim=1)
+        first = cap.top1()
         top1.append(first)
         counts = routing_map.sum(0).double()
         sample = x[:sample_tokens]
-        outputs = _all_expert_outputs(layer, sample)
+        outputs = local_expert_outputs(layer.experts, sample, cfg.moe.num_experts)  # one process: all experts
         result["sample_tokens"] = sample.shape[0]
         expert_domain = metrics.joint_counts(first, domain, cfg.moe.num_experts, num_domains)
         entry = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_moe_reg.integration.expert_weights import local_expert_outputs
 from megatron_moe_reg.metrics.overlap import activation_mso, pairwise_expert_similarity
 
 
@@ -67,12 +68,7 @@ class ExpertSimilarityProbe:
         dist.broadcast(n, src=self.source, group=self.group)
         sample = hidden[: int(n), 0].contiguous() if self.is_source else hidden.new_empty(int(n), hidden.shape[-1])
         dist.broadcast(sample, src=self.source, group=self.group)
-        num_local = len(self.layer.local_expert_indices)
-        s = sample.shape[0]
-        rows = sample.repeat(num_local, 1)
-        out, _ = self.experts(rows, torch.full((num_local,), s), torch.ones(rows.shape[0], dtype=torch.float32,
-                                                                              device=rows.device))
-        out = out.float().reshape(num_local, s, -1)
+        out = local_expert_outputs(self.experts, sample, len(self.layer.local_expert_indices))
         if self.etp_group is not None and dist.get_world_size(self.etp_group) > 1:
             dist.all_reduce(out, group=self.etp_group)
         if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:

@@ -15,6 +15,17 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 WEIGHT_KINDS = ("fc1", "fc2")
 
 
+def local_expert_outputs(experts, sample_SH: torch.Tensor, num_local: int) -> torch.Tensor:
+    """f_e(x) of each local expert on the same S rows, [num_local, S, H] in fp32 (router probabilities 1;
+    under expert-tensor parallelism, this rank's partial sums of fc2)."""
+    s = sample_SH.shape[0]
+    dtype = next(experts.parameters()).dtype
+    rows = sample_SH.to(dtype).repeat(num_local, 1)
+    out, _ = experts(rows, torch.full((num_local,), s), torch.ones(rows.shape[0], dtype=torch.float32,
+                                                                   device=rows.device))
+    return out.float().reshape(num_local, s, -1)
+
+
 def local_expert_weights(experts, kind: str = "fc1") -> list[torch.Tensor]:
     """This rank's weight (slice) of each local expert, in local-expert order."""
     if kind not in WEIGHT_KINDS:

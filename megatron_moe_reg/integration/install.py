@@ -33,7 +33,8 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def _moe_layers(chunk: torch.nn.Module) -> list:
+def moe_layers(chunk: torch.nn.Module) -> list:
+    """The MoE layers of a model chunk, in layer order."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     return [m for m in chunk.modules() if isinstance(m, MoELayer)]
@@ -57,7 +58,7 @@ class Regularizers:
         self.plugin = plugin
         self.tracker = get_tracker()
         chunks = [_unwrap(c) for c in model_chunks]
-        layers = [layer for c in chunks for layer in _moe_layers(c)]
+        layers = [layer for c in chunks for layer in moe_layers(c)]
         self.config = chunks[0].config
         self.num_layers = self.config.num_layers
         if self.config.mtp_num_layers:

@@ -14,6 +14,8 @@ weights over EP and an E x E Gram of length-D rows (D = 2FH/etp for fc1), forwar
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
@@ -37,23 +39,31 @@ class WeightOrthogonality:
     def begin_step(self, measure: bool) -> None:
         self.measure, self._measured = measure, False
 
-    def measure_now(self) -> None:
-        """Record the weight MSO of fc1 and fc2 (collective over EP x ETP; no gradient)."""
+    def measure_now(self, known: Optional[dict] = None) -> None:
+        """Record the weight MSO of fc1 and fc2 (collective over EP x ETP; no gradient); ``known``
+        holds values already computed this step (the loss's own kind)."""
+        known = known or {}
         with torch.no_grad():
             for kind in WEIGHT_KINDS:
-                gram = all_experts_gram(self.experts, kind, self.ep_group, self.etp_group)
-                self.tracker.record(f"weight_mso_{kind}", weight_orthogonality_from_gram(gram),
-                                    self.layer.layer_number, self.num_layers)
+                value = known.get(kind)
+                if value is None:
+                    value = weight_orthogonality_from_gram(
+                        all_experts_gram(self.experts, kind, self.ep_group, self.etp_group))
+                self.tracker.record(f"weight_mso_{kind}", value.detach(), self.layer.layer_number,
+                                    self.num_layers)
         self._measured = True
 
     def _after_experts(self, module, inputs, output):
         if not (self.layer.training and torch.is_grad_enabled()):
             return None
+        loss = None
+        if self.coeff > 0:
+            loss = weight_orthogonality_from_gram(
+                all_experts_gram(self.experts, self.kind, self.ep_group, self.etp_group))
         if self.measure and not self._measured:
-            self.measure_now()
-        if self.coeff <= 0:
+            self.measure_now({} if loss is None else {self.kind: loss})
+        if loss is None:
             return None
-        loss = weight_orthogonality_from_gram(all_experts_gram(self.experts, self.kind, self.ep_group, self.etp_group))
         routing = self.router.moe_reg_last_routing
         out, bias = output
         out = attach_local_mean_loss(

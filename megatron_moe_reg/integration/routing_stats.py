@@ -17,16 +17,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_moe_reg.integration.tracker import metrics_device
 from megatron_moe_reg.metrics.routing import LOAD_STATISTICS, load_statistics, percentiles
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class RoutingStats:
     def __init__(self, num_layers: int, num_experts: int, sequence_parallel: bool):
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=_device())
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=metrics_device())
         self.sequence_parallel = sequence_parallel
 
     def add(self, layer_number: int, routing_map: torch.Tensor, keep_mask: torch.Tensor) -> None:

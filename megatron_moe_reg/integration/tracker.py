@@ -27,7 +27,8 @@ class Entry:
     needs_dp_avg: bool = True
 
 
-def _device() -> torch.device:
+def metrics_device() -> torch.device:
+    """Where metric buffers live: the current CUDA device, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -40,7 +41,7 @@ class PluginMetricsTracker:
 
     def ensure(self, name: str, num_layers: int, **groups) -> Entry:
         if name not in self._entries:
-            zeros = torch.zeros(num_layers, dtype=torch.float64, device=_device())
+            zeros = torch.zeros(num_layers, dtype=torch.float64, device=metrics_device())
             self._entries[name] = Entry(values=zeros, counts=zeros.clone())
         entry = self._entries[name]
         for key, value in groups.items():
