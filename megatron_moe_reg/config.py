@@ -20,6 +20,7 @@ COUPLING_VARIANTS = ("product", "log")
 ROUTER_TYPES = ("topk", "spectral", "prototype", "ermoe", "emoe")
 EIGEN_GATES = ("normalized", "softmax")
 ORTHOGONALITY_WEIGHTS = ("fc1", "fc2")
+GROUPED_GEMM_BACKENDS = ("auto", "triton", "torch", "te", "sequential")
 
 
 def _opt(default, help: str, **meta):
@@ -54,6 +55,11 @@ class PluginConfig:
         0, "every N steps also measure PES and activation MSO of all experts on a token sample (0: never)")
     moe_metrics_sample_tokens: int = _opt(
         64, "positions of the step's first sequence on which every expert runs for PES / activation MSO")
+    moe_grouped_gemm_backend: str = _opt(
+        "sequential", "experts: Megatron's SequentialMLP (sequential), our Triton grouped GEMM (triton), "
+        "torch._grouped_mm (torch), Megatron's TEGroupedMLP (te), or the first available of triton, te, "
+        "torch, sequential (auto); all share SequentialMLP's checkpoint layout",
+        choices=list(GROUPED_GEMM_BACKENDS))
     moe_router_type: str = _opt(
         "topk", "router: Megatron's top-k, spectral-normalized, prototype (SR-MoE), eigenbasis (ERMoE) "
         "or shared eigenbasis (EMoE)", choices=list(ROUTER_TYPES))
@@ -115,8 +121,11 @@ class PluginConfig:
                                     or self.moe_router_type != "topk"):
             raise ConfigError("the MoE regularization losses and routers need --num-experts")
         if not moe.num_experts:
+            if self.moe_grouped_gemm_backend != "sequential":
+                raise ConfigError("--moe-grouped-gemm-backend needs --num-experts")
             return
         self.validate_router_against_model(run)
+        self.validate_experts_backend(run)
         num_moe_layers = sum(moe_layer_pattern(moe.moe_layer_freq, run.model.num_layers))
         if self.moe_metrics_interval and moe.num_experts < 2:
             raise ConfigError("--moe-metrics-interval compares pairs of experts; it needs --num-experts >= 2")
@@ -177,6 +186,40 @@ class PluginConfig:
         if self.moe_eigen_threshold is not None and not 0.0 <= self.moe_eigen_threshold <= 1.0:
             raise ConfigError(f"--moe-eigen-threshold must be in [0, 1] (eigenbasis scores are cosines), "
                               f"got {self.moe_eigen_threshold}")
+
+    def validate_experts_backend(self, run: "RunConfig") -> None:
+        """The grouped-GEMM backends compute bias-free SwiGLU experts; te needs TE on a GPU."""
+        from megatron_moe_reg.experts.functional import backend_unavailable_reason
+        from megatron_moe_reg.experts.torch_backend import check_alignment
+
+        backend = self.moe_grouped_gemm_backend
+        if backend not in GROUPED_GEMM_BACKENDS:
+            raise ConfigError(f"--moe-grouped-gemm-backend must be one of {GROUPED_GEMM_BACKENDS}, got {backend!r}")
+        if backend in ("auto", "sequential"):
+            return
+        if run.moe.moe_grouped_gemm and backend != "te":
+            raise ConfigError(f"--moe-grouped-gemm selects TEGroupedMLP, which conflicts with "
+                              f"--moe-grouped-gemm-backend {backend}; drop one of them")
+        if backend == "te":
+            if run.model.transformer_impl == "local":
+                raise ConfigError("--moe-grouped-gemm-backend te needs TransformerEngine layers; drop "
+                                  "--transformer-impl local")
+            return  # TE and GPU availability: checked with --transformer-impl when the model is built
+        if not run.model.swiglu or run.model.add_bias_linear:
+            raise ConfigError(f"--moe-grouped-gemm-backend {backend} computes bias-free SwiGLU experts; add "
+                              "--swiglu and --disable-bias-linear, or use --moe-grouped-gemm-backend sequential")
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        reason = backend_unavailable_reason(backend, device)
+        if reason is not None:
+            raise ConfigError(f"--moe-grouped-gemm-backend {backend}: {reason}; choose another backend")
+        if backend == "torch":
+            ffn = run.moe.moe_ffn_hidden_size // run.parallel.expert_tensor_parallel_size
+            try:
+                check_alignment(run.model.hidden_size, ffn, torch.bfloat16 if run.train.bf16 else torch.float32)
+            except ValueError as e:
+                raise ConfigError(f"--moe-grouped-gemm-backend torch: {e}") from None
 
     def validate_router_against_model(self, run: "RunConfig") -> None:
         moe, m = run.moe, run.model

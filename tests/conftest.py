@@ -1,9 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import run_cli  # noqa: E402
 

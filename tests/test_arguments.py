@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.training.arguments import parse_args
@@ -64,12 +65,28 @@ def test_example_configs_parse():
      "--train-data-path /nonexistent/train_text_document: /nonexistent/train_text_document.bin not found"),
     (["--mock-data"], 1, "--vocab-size is required"),
     (MOCK + ["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (MOCK + ["--moe-grouped-gemm-backend", "triton", "--no-swiglu"], 1,
+     "--moe-grouped-gemm-backend triton computes bias-free SwiGLU experts; add --swiglu"),
+    (MOCK + ["--moe-grouped-gemm-backend", "triton", "--moe-grouped-gemm"], 1,
+     "conflicts with --moe-grouped-gemm-backend triton"),
+    (MOCK + ["--moe-grouped-gemm-backend", "te", "--transformer-impl", "local"], 1,
+     "--moe-grouped-gemm-backend te needs TransformerEngine layers"),
+    (MOCK + ["--moe-grouped-gemm-backend", "torch", "--moe-ffn-hidden-size", "66"], 1,
+     "--moe-grouped-gemm-backend torch: the torch grouped GEMM backend needs the expert ffn hidden size (66)"),
 ])
 def test_bad_options_raise_config_errors(argv, world, message):
     with pytest.raises(ConfigError, match=None) as info:
         parse_args(argv, world_size=world)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_triton_backend_without_gpu_or_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="--moe-grouped-gemm-backend triton: Triton kernels need a CUDA device"):
+        parse_args(MOCK + ["--moe-grouped-gemm-backend", "triton"])
 
 
 def test_config_file_errors(tmp_path):

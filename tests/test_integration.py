@@ -91,6 +91,25 @@ def test_spec_swaps_router_and_experts_in_moe_layers_only():
     assert compat.moe_submodules(untouched.layer_specs[0].submodules.mlp).router is TopKRouter
 
 
+@pytest.mark.compat
+def test_grouped_backend_swaps_sequential_mlp_keeping_its_submodules():
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_moe_reg.integration.grouped_experts import GroupedGemmExperts
+    from megatron_moe_reg.integration.spec import gpt_block_spec
+
+    def experts_of(spec):
+        experts = compat.moe_submodules(spec.layer_specs[0].submodules.mlp).experts
+        if isinstance(experts, functools.partial):  # 0.17+
+            return experts.func, experts.keywords["submodules"], experts.keywords.get("backend")
+        return experts.module, experts.submodules, experts.params.get("backend")
+
+    plain_cls, plain_sub, _ = experts_of(gpt_block_spec(_tiny_config(), False, pp_rank=0))
+    cls, sub, backend = experts_of(gpt_block_spec(_tiny_config(), False, pp_rank=0, grouped_backend="triton"))
+    assert plain_cls is SequentialMLP and cls is GroupedGemmExperts and backend == "triton"
+    assert sub == plain_sub
+
+
 def test_partial_style_specs_are_rewritten_too():
     """megatron-core 0.17+ builds MoE specs as functools.partial(MoELayer, submodules=...)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules

@@ -51,7 +51,7 @@ def config_from_checkpoint(load: str):
         load=str(path.parent), save=None, save_interval=None, finetune=True, no_load_optim=True,
         tensorboard_dir=None, log_file=None, progress_bar=False, mock_data=True,
         data_path=None, train_data_path=None, valid_data_path=None, test_data_path=None,
-        moe_reg_measure=False)
+        moe_reg_measure=False, moe_grouped_gemm=False, moe_grouped_gemm_backend="sequential")
     groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in arguments.GROUPS}
     cfg = arguments.RunConfig(**groups, world_size=1)
     arguments.finalize(cfg)

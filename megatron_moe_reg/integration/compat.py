@@ -1,6 +1,7 @@
 """Everything that differs between megatron-core 0.16 and 0.19, in one module.
 
 - MoE layer specs: 0.16 wraps ``MoELayer`` in a ``ModuleSpec``; 0.17+ in ``functools.partial``.
+- Experts specs: 0.16 ``ModuleSpec(module=SequentialMLP, ...)``; 0.17+ ``partial(SequentialMLP, ...)``.
 - Router builders: 0.17+ pass ``is_mtp_layer`` to the router; 0.16 does not.
 - MoE metrics: 0.16 has a dict tracker (``save_to_aux_losses_tracker``/``track_moe_metrics``),
   0.17+ a ``MoEMetricsTracker`` object (``moe_logging.py``).
@@ -50,6 +51,18 @@ def replace_moe_submodules(mlp_spec: Any, **changes: Any) -> Any:
     if isinstance(mlp_spec, functools.partial):
         return functools.partial(mlp_spec.func, *mlp_spec.args, **{**mlp_spec.keywords, "submodules": new_sub})
     return dataclasses.replace(mlp_spec, submodules=new_sub)
+
+
+def replace_experts_class(experts_spec: Any, base: type, new_cls: type, **params: Any) -> Any:
+    """An experts spec building ``new_cls`` (with extra constructor ``params``) where ``experts_spec``
+    builds ``base`` with the same submodules; other experts specs are returned unchanged."""
+    if isinstance(experts_spec, functools.partial):
+        if experts_spec.func is not base:
+            return experts_spec
+        return functools.partial(new_cls, *experts_spec.args, **{**experts_spec.keywords, **params})
+    if isinstance(experts_spec, ModuleSpec) and experts_spec.module is base:
+        return dataclasses.replace(experts_spec, module=new_cls, params={**experts_spec.params, **params})
+    return experts_spec
 
 
 def router_builder(router_cls: type, **bound: Any):

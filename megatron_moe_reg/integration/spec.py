@@ -1,7 +1,7 @@
 """GPT-MoE block specs built with Megatron's own spec functions, plugin modules swapped in.
 
 The only edits to Megatron's spec are (a) ``MoESubmodules.router`` / ``.experts`` when a
-plugin router or experts backend is selected, and (b) on the local spec with sequence
+plugin router or grouped-GEMM experts backend is selected, and (b) on the local spec with sequence
 parallelism, the torch norms replaced by ``SequenceParallelTorchNorm``.
 """
 
@@ -11,10 +11,12 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_moe_reg.integration import compat
+from megatron_moe_reg.integration.grouped_experts import GroupedGemmExperts
 from megatron_moe_reg.integration.norms import SequenceParallelTorchNorm
 
 
@@ -22,11 +24,15 @@ def _swap_torch_norm(norm_spec: Any) -> Any:
     return SequenceParallelTorchNorm if norm_spec is WrappedTorchNorm else norm_spec
 
 
-def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool) -> Any:
+def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool, grouped_backend: Optional[str]) -> Any:
     sub = layer_spec.submodules
     changes: dict[str, Any] = {}
-    if moe_changes and compat.is_moe_spec(sub.mlp):
-        changes["mlp"] = compat.replace_moe_submodules(sub.mlp, **moe_changes)
+    if (moe_changes or grouped_backend) and compat.is_moe_spec(sub.mlp):
+        layer_changes = dict(moe_changes)
+        if grouped_backend and "experts" not in layer_changes:
+            layer_changes["experts"] = compat.replace_experts_class(
+                compat.moe_submodules(sub.mlp).experts, SequentialMLP, GroupedGemmExperts, backend=grouped_backend)
+        changes["mlp"] = compat.replace_moe_submodules(sub.mlp, **layer_changes)
     if swap_norms:
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             changes[name] = _swap_torch_norm(getattr(sub, name))
@@ -36,19 +42,21 @@ def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool) -> Any:
 
 
 def gpt_block_spec(config, use_transformer_engine: bool, *, router: Optional[Callable] = None,
-                   experts: Optional[Any] = None, vp_stage: Optional[int] = None,
+                   experts: Optional[Any] = None, grouped_backend: Optional[str] = None, vp_stage: Optional[int] = None,
                    pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """Megatron's GPT decoder block spec for this PP/VPP stage, with plugin modules swapped in.
 
     ``router``: a ``MoESubmodules.router`` builder (None keeps Megatron's TopKRouter).
     ``experts``: a ``MoESubmodules.experts`` spec (None keeps Megatron's experts).
+    ``grouped_backend``: ``triton`` or ``torch`` turns Megatron's SequentialMLP into
+    ``GroupedGemmExperts`` with the same submodules (None keeps it).
     """
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
                                       normalization=config.normalization, vp_stage=vp_stage,
                                       pp_rank=pp_rank)
     moe_changes = {k: v for k, v in (("router", router), ("experts", experts)) if v is not None}
     swap_norms = config.sequence_parallel and not use_transformer_engine
-    layers = [_patch_layer(ls, moe_changes, swap_norms) for ls in spec.layer_specs]
+    layers = [_patch_layer(ls, moe_changes, swap_norms, grouped_backend) for ls in spec.layer_specs]
     layer_norm = _swap_torch_norm(spec.layer_norm) if swap_norms else spec.layer_norm
     return dataclasses.replace(spec, layer_specs=layers, layer_norm=layer_norm)
 

@@ -6,7 +6,8 @@ the activations of each token are brought back to the rank that owns the token:
 
 1. capture: a forward hook on the experts' ``linear_fc1`` (each local expert of ``SequentialMLP``,
    or ``TEGroupedMLP``'s grouped linear) recomputes z = act(gate) ⊙ (up + offset) from fc1's
-   output exactly as Megatron's MLP does, row by row in the dispatched order; with
+   output exactly as Megatron's MLP does, row by row in the dispatched order (the plugin's
+   grouped-GEMM experts hand over the z their kernels keep for backward: no recomputation); with
    ``--moe-specialization-include-shared-experts`` the shared expert's rows are captured too;
 2. where each row came from: a small tensor per token (owner rank in the dispatch group, token
    index, its routed experts) is dispatched through a shallow copy of the layer's own token
@@ -113,7 +114,10 @@ class SpecializationProbe:
         self.local_offset = moe_layer.local_expert_indices[0]
         self._rows: list[torch.Tensor] = []
         self._shared_rows: Optional[torch.Tensor] = None
-        self.handles = [m.register_forward_hook(self._capture) for m in _fc1_modules(self.experts)]
+        if hasattr(self.experts, "register_activation_hook"):  # grouped GEMM experts hand z over
+            self.handles = [self.experts.register_activation_hook(self._capture_activation)]
+        else:
+            self.handles = [m.register_forward_hook(self._capture) for m in _fc1_modules(self.experts)]
         self.handles.append(self.experts.register_forward_hook(self._after_experts))
         if include_shared:
             self.handles.append(moe_layer.shared_experts.linear_fc1.register_forward_hook(self._capture_shared))
@@ -131,6 +135,10 @@ class SpecializationProbe:
         if self.active:
             out, bias = output if isinstance(output, tuple) else (output, None)
             self._rows.append(_recomputed(glu_intermediate, out, bias, self.config))
+
+    def _capture_activation(self, module, z) -> None:
+        if self.active:
+            self._rows.append(z)
 
     def _capture_shared(self, module, inputs, output) -> None:
         if self.active:

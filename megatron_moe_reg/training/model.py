@@ -35,21 +35,43 @@ def use_transformer_engine(cfg: RunConfig) -> bool:
     return impl == "transformer_engine"
 
 
+def experts_backend(cfg: RunConfig, use_te: bool) -> str:
+    """The experts implementation: ``--moe-grouped-gemm-backend`` with ``auto`` resolved to the first
+    available of triton, te, torch on a GPU (bias-free SwiGLU experts), else sequential."""
+    from megatron_moe_reg.experts.functional import backend_unavailable_reason
+
+    backend = cfg.plugin.moe_grouped_gemm_backend
+    if not cfg.moe.num_experts:
+        return "sequential"
+    if backend == "sequential" and cfg.moe.moe_grouped_gemm:
+        return "te"
+    if backend != "auto":
+        return backend
+    if not on_gpu() or not cfg.model.swiglu or cfg.model.add_bias_linear:
+        return "sequential"
+    device = torch.device("cuda", torch.cuda.current_device())
+    if backend_unavailable_reason("triton", device) is None:
+        return "triton"
+    if use_te:
+        return "te"
+    return "torch" if backend_unavailable_reason("torch", device) is None and cfg.train.bf16 else "sequential"
+
+
 def padded_vocab_size(vocab_size: int, cfg: RunConfig) -> int:
     """Megatron-LM's padding: a multiple of make-vocab-size-divisible-by x TP."""
     multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg: RunConfig, use_te: bool) -> TransformerConfig:
+def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential") -> TransformerConfig:
     m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
     gpu = on_gpu()
     if p.context_parallel_size > 1 and not use_te:
         raise ConfigError("--context-parallel-size > 1 needs TransformerEngine attention "
                           "(--transformer-impl transformer_engine on GPU)")
-    if moe.moe_grouped_gemm and not use_te:
-        raise ConfigError("--moe-grouped-gemm needs TransformerEngine (GPU); without it Megatron "
-                          "uses SequentialMLP experts")
+    if experts == "te" and not use_te:
+        raise ConfigError("--moe-grouped-gemm / --moe-grouped-gemm-backend te need TransformerEngine (GPU); "
+                          "without it use --moe-grouped-gemm-backend sequential, triton or torch")
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     kwargs = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
@@ -80,6 +102,7 @@ def transformer_config(cfg: RunConfig, use_te: bool) -> TransformerConfig:
         # MoE options have TransformerConfig's names, except the number of experts.
         kwargs.update({f.name: getattr(moe, f.name) for f in dataclasses.fields(moe) if f.name != "num_experts"})
         kwargs["num_moe_experts"] = moe.num_experts
+        kwargs["moe_grouped_gemm"] = experts == "te"
     try:
         return TransformerConfig(**kwargs)
     except (AssertionError, ValueError) as e:
@@ -87,10 +110,11 @@ def transformer_config(cfg: RunConfig, use_te: bool) -> TransformerConfig:
 
 
 def build_gpt_model(cfg: RunConfig, config: TransformerConfig, vocab_size: int, use_te: bool,
-                    router=None, experts=None) -> GPTModel:
+                    router=None, experts=None, grouped_backend=None) -> GPTModel:
     """GPTModel for this pipeline stage, from Megatron's spec with plugin modules swapped in."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    spec = gpt_block_spec(config, use_te, router=router, experts=experts, pp_rank=pp_rank)
+    spec = gpt_block_spec(config, use_te, router=router, experts=experts, grouped_backend=grouped_backend,
+                          pp_rank=pp_rank)
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(vocab_size, cfg),
         max_sequence_length=cfg.model.max_position_embeddings,

@@ -1,0 +1,109 @@
+"""``grouped_mlp``: the triton kernels (Triton's interpreter on CPU) and the torch._grouped_mm backend
+against the per-expert reference, forward and every gradient, in fp32."""
+
+import pytest
+import torch
+
+from megatron_moe_reg.config import GROUPED_GEMM_BACKENDS
+from megatron_moe_reg.experts import backend_unavailable_reason, grouped_mlp, grouped_mlp_with_activation
+from megatron_moe_reg.experts.layout import stacked
+
+pytestmark = pytest.mark.skipif(backend_unavailable_reason("triton", torch.device("cpu")) is not None,
+                                reason="triton is not installed")
+
+
+def _routing_counts(tokens: int, k: int, experts: int, seed: int) -> list[int]:
+    """Rows per expert of ``tokens`` tokens each routed to k distinct experts (a skewed router)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(tokens, experts, generator=g) + torch.linspace(2, 0, experts)
+    chosen = scores.topk(k, dim=1).indices.flatten()
+    return torch.bincount(chosen, minlength=experts).tolist()
+
+
+CASES = {  # name: (rows per expert, hidden H, expert ffn F)
+    "empty-and-uneven": ([5, 0, 70, 3, 0, 131], 72, 36),
+    "k8-e16": (_routing_counts(40, 8, 16, 0), 68, 40),
+    "e128-k8": (_routing_counts(48, 8, 128, 1), 36, 20),
+    "one-expert": ([67], 132, 68),
+    "no-rows": ([0, 0, 0], 36, 20),
+}
+
+
+def _inputs(counts, hidden, ffn, with_probs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows, experts = sum(counts), len(counts)
+    x = torch.randn(rows, hidden, generator=g).requires_grad_()
+    fc1 = [(torch.randn(2 * ffn, hidden, generator=g) / hidden ** 0.5).requires_grad_() for _ in range(experts)]
+    fc2 = [(torch.randn(hidden, ffn, generator=g) / ffn ** 0.5).requires_grad_() for _ in range(experts)]
+    probs = torch.rand(rows, generator=g).requires_grad_() if with_probs else None
+    return x, fc1, fc2, probs
+
+
+def _assert_close(a, b, what):
+    """Max-abs difference within 2e-6 of the reference's largest magnitude (fp32 sums of ~100 terms)."""
+    assert a.shape == b.shape, what
+    if b.numel():
+        assert (a - b).abs().max().item() <= 2e-6 * max(b.abs().max().item(), 1e-6), what
+
+
+def _outputs_and_grads(backend, counts, x, fc1, fc2, probs):
+    y, z = grouped_mlp_with_activation(x, torch.tensor(counts), fc1, fc2, probs, backend=backend)
+    g = torch.Generator().manual_seed(7)
+    dy, dz = torch.randn(y.shape, generator=g), torch.randn(z.shape, generator=g)
+    inputs = [x, *fc1, *fc2] + ([probs] if probs is not None else [])
+    grads = torch.autograd.grad((y * dy).sum() + (z * dz).sum(), inputs, allow_unused=True)
+    return [y, z, *grads]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_probs", [True, False], ids=["probs", "no-probs"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_reference_forward_and_gradients(backend, case, with_probs):
+    counts, hidden, ffn = CASES[case]
+    args = _inputs(counts, hidden, ffn, with_probs)
+    expected = _outputs_and_grads("sequential", counts, *args)
+    got = _outputs_and_grads(backend, counts, *args)
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        _assert_close(a, b, (case, i))
+    empty = [e for e, n in enumerate(counts) if n == 0]
+    for e in empty:  # an expert without rows gets zero weight gradients
+        assert got[2 + 1 + e].abs().max() == 0 and got[2 + 1 + len(counts) + e].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_stacked_weights_give_the_same_result(backend):
+    counts, hidden, ffn = CASES["empty-and-uneven"]
+    x, fc1, fc2, probs = _inputs(counts, hidden, ffn, True)
+    w1 = torch.stack([w.detach() for w in fc1]).requires_grad_()
+    w2 = torch.stack([w.detach() for w in fc2]).requires_grad_()
+    y = grouped_mlp(x, counts, w1, w2, probs, backend=backend)
+    y_ref = grouped_mlp(x, counts, fc1, fc2, probs, backend="sequential")
+    _assert_close(y, y_ref, "y")
+    y.sum().backward()
+    y_ref.sum().backward()
+    _assert_close(w1.grad, torch.stack([w.grad for w in fc1]), "fc1 grad")
+    _assert_close(w2.grad, torch.stack([w.grad for w in fc2]), "fc2 grad")
+
+
+def test_evenly_spaced_weights_are_stacked_without_a_copy():
+    buffer = torch.randn(4, 6, 8)
+    views = list(buffer.unbind(0))
+    assert stacked(views).data_ptr() == buffer.data_ptr()
+    assert torch.equal(stacked(views), buffer)
+    separate = [torch.randn(6, 8) for _ in range(3)]
+    assert torch.equal(stacked(separate), torch.stack(separate))
+
+
+def test_backend_errors_name_the_problem(monkeypatch):
+    x = torch.randn(4, 18)
+    w1, w2 = torch.randn(2, 20, 18), torch.randn(2, 18, 10)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        grouped_mlp(x, [2, 2], w1, w2, backend="torch")
+    with pytest.raises(ValueError, match="TEGroupedMLP"):
+        grouped_mlp(x, [2, 2], w1, w2, backend="te")
+    with pytest.raises(ValueError, match="unknown backend"):
+        grouped_mlp(x, [2, 2], w1, w2, backend="cutlass")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "CUDA device" in backend_unavailable_reason("triton", torch.device("cpu"))
+    assert GROUPED_GEMM_BACKENDS == ("auto", "triton", "torch", "te", "sequential")
