@@ -217,7 +217,8 @@ class PluginConfig:
         if backend == "torch":
             ffn = run.moe.moe_ffn_hidden_size // run.parallel.expert_tensor_parallel_size
             try:
-                check_alignment(run.model.hidden_size, ffn, torch.bfloat16 if run.train.bf16 else torch.float32)
+                check_alignment(run.model.hidden_size, ffn, torch.bfloat16 if run.train.bf16 else torch.float32,
+                                device.type)
             except ValueError as e:
                 raise ConfigError(f"--moe-grouped-gemm-backend torch: {e}") from None
 

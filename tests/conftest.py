@@ -22,3 +22,27 @@ def embedded_dataset(tmp_path_factory) -> dict:
     run_cli(["prepare-data", "--output-dir", str(out), "--max-documents", "120", "--vocab-size", "1024"])
     return json.loads((out / "manifest.json").read_text())
 
+
+@pytest.fixture(scope="module")
+def groups():
+    """Megatron's process groups of one process (gloo, CPU runtime layer), torn down afterwards."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_moe_reg.integration import cpu_runtime
+    from megatron_moe_reg.training.distributed import init_process_group
+
+    init_process_group("gloo")
+    cpu_runtime.activate()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    yield get_default_pg_collection()
+    parallel_state.destroy_model_parallel()
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_moe_reg.integration.compat import reset_megatron_moe_tracker
+
+    # backwards outside a schedule leave a 0-d aux-loss scale and a 2-layer tracker behind
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    reset_megatron_moe_tracker()

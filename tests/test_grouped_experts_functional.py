@@ -107,3 +107,40 @@ def test_backend_errors_name_the_problem(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA device" in backend_unavailable_reason("triton", torch.device("cpu"))
     assert GROUPED_GEMM_BACKENDS == ("auto", "triton", "torch", "te", "sequential")
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("probs_on_input", [False, True], ids=["probs-before-fc2", "probs-on-input"])
+def test_module_equals_sequential_mlp_with_its_state_dict(groups, probs_on_input):
+    """GroupedGemmExperts loads SequentialMLP's state dict unchanged and computes the same output
+    (Megatron's ``moe_apply_probs_on_input`` included)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_moe_reg.integration import compat
+    from megatron_moe_reg.integration.grouped_experts import GroupedGemmExperts
+
+    config = TransformerConfig(num_layers=1, hidden_size=36, num_attention_heads=4, num_moe_experts=3,
+                               moe_ffn_hidden_size=20, moe_router_topk=1 if probs_on_input else 2,
+                               moe_apply_probs_on_input=probs_on_input, moe_router_pre_softmax=probs_on_input,
+                               gated_linear_unit=True,
+                               activation_func=torch.nn.functional.silu, add_bias_linear=False,
+                               use_cpu_initialization=True, bias_activation_fusion=False,
+                               gradient_accumulation_fusion=False)
+    spec = compat.moe_submodules(get_gpt_layer_local_spec(num_experts=3).submodules.mlp).experts
+    submodules = spec.keywords["submodules"] if hasattr(spec, "keywords") else spec.submodules
+    torch.manual_seed(0)
+    reference = SequentialMLP(3, config, submodules, pg_collection=groups)
+    grouped = GroupedGemmExperts(3, config, submodules, pg_collection=groups, backend="triton")
+    assert grouped.state_dict().keys() == reference.state_dict().keys()
+    grouped.load_state_dict(reference.state_dict())
+    counts = torch.tensor([7, 0, 12])
+    x = torch.randn(19, 36)
+    probs = torch.rand(19)
+    expected, _ = reference(x, counts, probs)
+    seen = []
+    grouped.register_activation_hook(lambda module, z: seen.append(z.shape))
+    got, bias = grouped(x, counts, probs)
+    assert bias is None and seen == [(19, 20)]
+    _assert_close(got, expected, "output")

@@ -17,30 +17,6 @@ STATE = {"topk": {"weight"}, "spectral": {"weight", "gain", "power_u", "power_v"
 POWER = {"power_u", "power_v"}  # kept only by routers that need sigma_max (penalties, spectral)
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    from megatron_moe_reg.integration import cpu_runtime
-    from megatron_moe_reg.training.distributed import init_process_group
-
-    init_process_group("gloo")
-    cpu_runtime.activate()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
-    yield get_default_pg_collection()
-    parallel_state.destroy_model_parallel()
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from megatron_moe_reg.integration.compat import reset_megatron_moe_tracker
-
-    # backwards outside a schedule leave a 0-d aux-loss scale and a 2-layer tracker behind
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    reset_megatron_moe_tracker()
-
-
 def _router(kind, pg, sequence_parallel=False, **plugin):
     from megatron.core.transformer.transformer_config import TransformerConfig
 

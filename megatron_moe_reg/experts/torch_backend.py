@@ -17,8 +17,11 @@ from megatron_moe_reg.experts.layout import stacked
 from megatron_moe_reg.experts.reference import probs_and_swiglu_backward, scale_rows, swiglu
 
 
-def check_alignment(hidden: int, ffn: int, dtype: torch.dtype) -> None:
-    """``torch._grouped_mm`` needs rows whose byte size is a multiple of 16."""
+def check_alignment(hidden: int, ffn: int, dtype: torch.dtype, device_type: str = "cpu") -> None:
+    """``torch._grouped_mm`` needs rows whose byte size is a multiple of 16, and bf16 on CUDA."""
+    if device_type == "cuda" and dtype != torch.bfloat16:
+        raise ValueError(f"torch._grouped_mm on CUDA needs bf16, got {dtype}; train with --bf16 or use the "
+                         "triton or sequential backend")
     size = torch.empty((), dtype=dtype).element_size()
     for name, n in (("hidden size", hidden), ("expert ffn hidden size", ffn)):
         if (n * size) % 16:
@@ -32,7 +35,7 @@ class TorchGroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, probs: Optional[torch.Tensor], offsets: torch.Tensor,
                 num_experts: int, *weights: torch.Tensor):
-        check_alignment(x.shape[1], weights[-1].shape[1], x.dtype)
+        check_alignment(x.shape[1], weights[-1].shape[1], x.dtype, x.device.type)
         fc1 = stacked(list(weights[:num_experts]))
         fc2 = stacked(list(weights[num_experts:]))
         ends = offsets[1:]
