@@ -1,6 +1,8 @@
 """``grouped_mlp``: the triton kernels (Triton's interpreter on CPU) and the torch._grouped_mm backend
 against the per-expert reference, forward and every gradient, in fp32."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -144,3 +146,6 @@ def test_module_equals_sequential_mlp_with_its_state_dict(groups, probs_on_input
     got, bias = grouped(x, counts, probs)
     assert bias is None and seen == [(19, 20)]
     _assert_close(got, expected, "output")
+    gelu = dataclasses.replace(config, gated_linear_unit=False, activation_func=torch.nn.functional.gelu)
+    with pytest.raises(ValueError, match="gated_linear_unit=False, an activation other than silu"):
+        GroupedGemmExperts(3, gelu, submodules, pg_collection=groups, backend="triton")

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: grouped SwiGLU MLP on ``triton_kernels``, forward and backward.
+"""The ``triton`` backend: grouped SwiGLU MLP on ``kernels.grouped_gemm``, forward and backward.
 
 Forward: fc1 with the SwiGLU epilogue (stores h = [g, u] and z), then fc2 with the router
 probability applied as a row scale in its epilogue, y = p ⊙ (z W2ᵀ) = (p ⊙ z) W2ᵀ (no bias), so
@@ -31,7 +31,7 @@ class TritonGroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, probs: Optional[torch.Tensor], offsets: torch.Tensor,
                 num_experts: int, *weights: torch.Tensor):
-        from megatron_moe_reg.experts.triton_kernels import rows_matmul
+        from megatron_moe_reg.experts.kernels.grouped_gemm import rows_matmul
 
         fc1, fc2 = list(weights[:num_experts]), list(weights[num_experts:])
         if any(w.dtype != x.dtype for w in weights):
@@ -50,7 +50,7 @@ class TritonGroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor, dz_extra: Optional[torch.Tensor]):
-        from megatron_moe_reg.experts.triton_kernels import expert_wgrad, rows_matmul
+        from megatron_moe_reg.experts.kernels.grouped_gemm import expert_wgrad, rows_matmul
 
         x, h, z, probs, offsets = ctx.saved_tensors
         t1, t2 = ctx.tables

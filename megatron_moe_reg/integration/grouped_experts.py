@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_moe_reg.experts.functional import grouped_mlp_with_activation
@@ -32,11 +33,29 @@ class _HookHandle:
             self.hooks.remove(self.fn)
 
 
+def check_supported(config) -> None:
+    """The grouped kernels compute bias-free SwiGLU experts in the activation dtype."""
+    unsupported = {
+        "gated_linear_unit=False": not config.gated_linear_unit,
+        "an activation other than silu": config.activation_func is not F.silu,
+        "biases (add_bias_linear)": config.add_bias_linear,
+        "fp8/fp4": bool(getattr(config, "fp8", None) or getattr(config, "fp4", None)),
+        "glu_linear_offset": bool(getattr(config, "glu_linear_offset", 0.0)),
+        "activation_func_clamp_value": getattr(config, "activation_func_clamp_value", None) is not None,
+        "delay_wgrad_compute": bool(getattr(config, "delay_wgrad_compute", False)),
+    }
+    found = [name for name, bad in unsupported.items() if bad]
+    if found:
+        raise ValueError(f"grouped GEMM experts do not support {', '.join(found)}; use Megatron's "
+                         "SequentialMLP (--moe-grouped-gemm-backend sequential)")
+
+
 class GroupedGemmExperts(SequentialMLP):
     """SequentialMLP's parameters and checkpoints, grouped-GEMM forward (backend: triton|torch)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, *, backend: str,
                  **kwargs):
+        check_supported(config)
         super().__init__(num_local_experts, config, submodules, pg_collection, **kwargs)
         self.backend = backend
         self._activation_hooks: list[Callable] = []

@@ -41,22 +41,30 @@ def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool, grouped_b
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, **changes))
 
 
-def gpt_block_spec(config, use_transformer_engine: bool, *, router: Optional[Callable] = None,
-                   experts: Optional[Any] = None, grouped_backend: Optional[str] = None, vp_stage: Optional[int] = None,
-                   pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
-    """Megatron's GPT decoder block spec for this PP/VPP stage, with plugin modules swapped in.
+def patch_block_spec(spec: TransformerBlockSubmodules, config, use_transformer_engine: bool, *,
+                     router: Optional[Callable] = None, experts: Optional[Any] = None,
+                     grouped_backend: Optional[str] = None) -> TransformerBlockSubmodules:
+    """A Megatron GPT decoder block spec with plugin modules swapped into its MoE layers.
 
     ``router``: a ``MoESubmodules.router`` builder (None keeps Megatron's TopKRouter).
     ``experts``: a ``MoESubmodules.experts`` spec (None keeps Megatron's experts).
     ``grouped_backend``: ``triton`` or ``torch`` turns Megatron's SequentialMLP into
     ``GroupedGemmExperts`` with the same submodules (None keeps it).
     """
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
-                                      normalization=config.normalization, vp_stage=vp_stage,
-                                      pp_rank=pp_rank)
     moe_changes = {k: v for k, v in (("router", router), ("experts", experts)) if v is not None}
     swap_norms = config.sequence_parallel and not use_transformer_engine
     layers = [_patch_layer(ls, moe_changes, swap_norms, grouped_backend) for ls in spec.layer_specs]
     layer_norm = _swap_torch_norm(spec.layer_norm) if swap_norms else spec.layer_norm
     return dataclasses.replace(spec, layer_specs=layers, layer_norm=layer_norm)
 
+
+def gpt_block_spec(config, use_transformer_engine: bool, *, router: Optional[Callable] = None,
+                   experts: Optional[Any] = None, grouped_backend: Optional[str] = None,
+                   vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """Megatron's GPT decoder block spec for this PP/VPP stage, with plugin modules swapped in
+    (``patch_block_spec``)."""
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
+                                      normalization=config.normalization, vp_stage=vp_stage,
+                                      pp_rank=pp_rank)
+    return patch_block_spec(spec, config, use_transformer_engine, router=router, experts=experts,
+                            grouped_backend=grouped_backend)

@@ -1,0 +1,1 @@
+"""Triton kernels of the grouped-GEMM experts (imported only when the triton backend runs)."""
