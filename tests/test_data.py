@@ -48,7 +48,7 @@ def test_round_trip_text_tokens_dataset(tmp_path):
 
     inputs = _write_inputs(tmp_path)
     out = tmp_path / "ds"
-    manifest = prepare(PrepareOptions(output_dir=str(out), input=inputs, vocab_size=400,
+    manifest = prepare(PrepareOptions(output_dir=str(out), input=inputs, vocab_size=340,
                                       valid_fraction=0.2), log=lambda *_: None)
     tok = SentencePieceTokenizer(manifest["tokenizer_model"])
     docs = list(corpus.user_corpus(inputs))
@@ -76,7 +76,7 @@ def test_gpt_dataset_reads_the_same_tokens(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     out = tmp_path / "ds"
-    manifest = prepare(PrepareOptions(output_dir=str(out), input=_write_inputs(tmp_path), vocab_size=400,
+    manifest = prepare(PrepareOptions(output_dir=str(out), input=_write_inputs(tmp_path), vocab_size=340,
                                       valid_fraction=0.2), log=lambda *_: None)
     tok = SentencePieceTokenizer(manifest["tokenizer_model"])
     prefix = manifest["train_data_path"]
@@ -108,19 +108,19 @@ def test_rerun_reuses_and_other_inputs_are_refused(tmp_path):
     inputs = _write_inputs(tmp_path)
     out = tmp_path / "ds"
     logs = []
-    first = prepare(PrepareOptions(output_dir=str(out), input=inputs, vocab_size=400), log=logs.append)
+    first = prepare(PrepareOptions(output_dir=str(out), input=inputs, vocab_size=340), log=logs.append)
     mtimes = {p: os.stat(p).st_mtime_ns for p in first["files"]}
-    second = prepare(PrepareOptions(output_dir=str(out), input=inputs, vocab_size=400), log=logs.append)
+    second = prepare(PrepareOptions(output_dir=str(out), input=inputs, vocab_size=340), log=logs.append)
     assert second == first and any("reusing" in line for line in logs)
     assert mtimes == {p: os.stat(p).st_mtime_ns for p in first["files"]}
     with pytest.raises(ConfigError, match="holds a dataset built from other inputs"):
-        prepare(PrepareOptions(output_dir=str(out), input=inputs[:2], vocab_size=400), log=logs.append)
+        prepare(PrepareOptions(output_dir=str(out), input=inputs[:2], vocab_size=340), log=logs.append)
     assert mtimes == {p: os.stat(p).st_mtime_ns for p in first["files"]}  # untouched
 
 
 def test_existing_tokenizer_is_used(tmp_path):
     inputs = _write_inputs(tmp_path)
-    first = prepare(PrepareOptions(output_dir=str(tmp_path / "a"), input=inputs, vocab_size=400),
+    first = prepare(PrepareOptions(output_dir=str(tmp_path / "a"), input=inputs, vocab_size=340),
                     log=lambda *_: None)
     second = prepare(PrepareOptions(output_dir=str(tmp_path / "b"), input=inputs,
                                     tokenizer_model=first["tokenizer_model"]), log=lambda *_: None)
@@ -136,6 +136,28 @@ def test_bad_jsonl_is_reported(tmp_path, content, message):
     p = tmp_path / "bad.jsonl"
     p.write_text(content)
     with pytest.raises(ConfigError, match=message):
-        prepare(PrepareOptions(output_dir=str(tmp_path / "o"), input=[str(p), str(p)], vocab_size=400),
+        prepare(PrepareOptions(output_dir=str(tmp_path / "o"), input=[str(p), str(p)], vocab_size=340),
                 log=lambda *_: None)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("vocab, message", [
+    (5000, r"--vocab-size 5000 is more than the training text yields \(\d+ pieces\); lower --vocab-size"),
+    (300, r"--vocab-size 300 is less than the \d+ pieces the text's characters and the 256 byte pieces need"),
+])
+def test_unreachable_vocabulary_size_is_a_one_line_error(tmp_path, vocab, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(PrepareOptions(output_dir=str(tmp_path / "o"), input=_write_inputs(tmp_path), vocab_size=vocab),
+                log=lambda *_: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_split_depends_on_the_text_not_on_where_the_files_are(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    a.mkdir()
+    b.mkdir(parents=True)
+    splits = []
+    for folder in (a, b):
+        docs = list(corpus.user_corpus(_write_inputs(folder)))
+        splits.append([corpus.is_validation(d, 0.3) for d in docs])
+    assert splits[0] == splits[1] and any(splits[0]) and not all(splits[0])

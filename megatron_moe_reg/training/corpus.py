@@ -91,8 +91,9 @@ def user_corpus(paths: list[str], json_key: str = "text", domain_key: str = "dom
 
 
 def is_validation(doc: Document, valid_fraction: float) -> bool:
-    """Deterministic held-out split by a hash of the document's source."""
-    h = int(hashlib.sha1(doc.source.encode()).hexdigest()[:8], 16)
+    """Deterministic held-out split by a hash of the document's text: the same on every machine and
+    wherever the files lie, and identical documents always fall on the same side."""
+    h = int(hashlib.sha1(doc.text.encode()).hexdigest()[:8], 16)
     return (h % 10_000) < valid_fraction * 10_000
 
 

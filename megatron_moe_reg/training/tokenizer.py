@@ -8,6 +8,7 @@ as in Megatron-LM's ``GPTSentencePieceTokenizer``.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
@@ -90,14 +91,25 @@ def train_sentencepiece(sentences: Iterable[str], model_prefix: str, vocab_size:
     Identity normalization and no whitespace folding keep code indentation; newlines are
     a user-defined piece because SentencePiece trains on single lines.
     """
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=model_prefix, vocab_size=vocab_size,
-        model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, byte_fallback=True, split_digits=True,
-        allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], max_sentencepiece_length=16,
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, minloglevel=2,
-        num_threads=2, train_extremely_large_corpus=False,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_prefix=model_prefix, vocab_size=vocab_size,
+            model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, byte_fallback=True, split_digits=True,
+            allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], max_sentencepiece_length=16,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, minloglevel=2,
+            num_threads=2, train_extremely_large_corpus=False,
+        )
+    except RuntimeError as e:
+        most = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
+        least = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if most:
+            raise ConfigError(f"--vocab-size {vocab_size} is more than the training text yields "
+                              f"({most.group(1)} pieces); lower --vocab-size or add documents") from None
+        if least:
+            raise ConfigError(f"--vocab-size {vocab_size} is less than the {least.group(1)} pieces the text's "
+                              "characters and the 256 byte pieces need; raise --vocab-size") from None
+        raise
     return model_prefix + ".model"
 
 
