@@ -57,8 +57,8 @@ class PluginConfig:
         64, "positions of the step's first sequence on which every expert runs for PES / activation MSO")
     moe_grouped_gemm_backend: str = _opt(
         "sequential", "experts: Megatron's SequentialMLP (sequential), our Triton grouped GEMM (triton), "
-        "torch._grouped_mm (torch), Megatron's TEGroupedMLP (te), or the first available of triton, te, "
-        "torch, sequential (auto); all share SequentialMLP's checkpoint layout",
+        "torch._grouped_mm (torch), Megatron's TEGroupedMLP (te), or the fastest of triton, torch and "
+        "sequential measured at this run's expert shape (auto); all share SequentialMLP's checkpoint layout",
         choices=list(GROUPED_GEMM_BACKENDS))
     moe_router_type: str = _opt(
         "topk", "router: Megatron's top-k, spectral-normalized, prototype (SR-MoE), eigenbasis (ERMoE) "

@@ -19,7 +19,7 @@ def checkpoints(tmp_path_factory, embedded_dataset):
     out = tmp_path_factory.mktemp("analysis")
     data = data_flags(embedded_dataset)
     train = ["--train-iters", "6", "--micro-batch-size", "4", "--global-batch-size", "8"]
-    pretrain(out, "topk", train + ["--save", str(out / "topk")], data=data, model=MODEL)
+    pretrain(out, "topk", train + ["--save", str(out / "topk"), "--save-interval", "3"], data=data, model=MODEL)
     # the same weights written by 4 processes with EP=2 and PP=2
     pretrain(out, "resaved", ["--load", str(out / "topk"), "--finetune", "--train-iters", "0", "--lr-decay-iters", "4",
                               "--micro-batch-size", "4", "--global-batch-size", "8",
@@ -59,6 +59,14 @@ def test_report_compares_checkpoints_and_links_existing_images(checkpoints):
     assert any("transition" in i for i in images) and any("expert_domain" in i for i in images)
     assert any(i.startswith("eigen_") for i in images) and any(i.startswith("baseline_") for i in images)
     assert all((out / "report" / i).is_file() and (out / "report" / i).stat().st_size > 1000 for i in images)
+
+
+def test_an_iteration_directory_is_evaluated_at_that_iteration(checkpoints):
+    out = checkpoints
+    latest = _analyze(out, [str(out / "topk")], ["x"], "single")["checkpoints"]["x"]
+    earlier = _analyze(out, [str(out / "topk" / "iter_0000003")], ["x"], "iter3")["checkpoints"]["x"]
+    assert (latest["iteration"], earlier["iteration"]) == (6, 3)
+    assert earlier["lm_loss"] != latest["lm_loss"]
 
 
 @pytest.mark.compat

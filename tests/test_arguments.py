@@ -65,6 +65,7 @@ def test_example_configs_parse():
      "--train-data-path /nonexistent/train_text_document: /nonexistent/train_text_document.bin not found"),
     (["--mock-data"], 1, "--vocab-size is required"),
     (MOCK + ["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (MOCK + ["--ckpt-step", "3"], 1, "--ckpt-step needs --load"),
     (MOCK + ["--moe-grouped-gemm-backend", "triton", "--no-swiglu"], 1,
      "--moe-grouped-gemm-backend triton computes bias-free SwiGLU experts; add --swiglu"),
     (MOCK + ["--moe-grouped-gemm-backend", "triton", "--moe-grouped-gemm"], 1,

@@ -149,3 +149,12 @@ def test_module_equals_sequential_mlp_with_its_state_dict(groups, probs_on_input
     gelu = dataclasses.replace(config, gated_linear_unit=False, activation_func=torch.nn.functional.gelu)
     with pytest.raises(ValueError, match="gated_linear_unit=False, an activation other than silu"):
         GroupedGemmExperts(3, gelu, submodules, pg_collection=groups, backend="triton")
+
+
+def test_auto_selection_measures_the_backends_that_run():
+    from megatron_moe_reg.experts.selection import ExpertShape, fastest_backend
+
+    best, times = fastest_backend(["torch", "sequential"], ExpertShape(4, 32, 16, 64), "cpu", torch.float32)
+    assert set(times) == {"torch", "sequential"} and best == min(times, key=times.get)
+    best, times = fastest_backend(["torch", "sequential"], ExpertShape(4, 30, 16, 64), "cpu", torch.float32)
+    assert set(times) == {"sequential"} and best == "sequential"  # 30 fp32 values: not 16-byte rows

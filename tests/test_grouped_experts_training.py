@@ -77,3 +77,14 @@ def test_training_and_checkpoints_move_between_backends(tmp_path: Path):
     assert len(resumed["triton"]) == 1  # step 4 only
     assert resumed["triton"] == pytest.approx(resumed["sequential"], rel=1e-5)
 
+
+
+def test_auto_measures_and_reports_its_choice(tmp_path: Path):
+    log = tmp_path / "auto.jsonl"
+    proc = run_cli(["pretrain", *TINY_MODEL, *MOCK, "--train-iters", "2", "--log-file", str(log),
+                    "--moe-grouped-gemm-backend", "auto", "--expert-model-parallel-size", "2"], nproc=2)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("experts: "))
+    chosen = line.split()[1]
+    assert chosen in ("torch", "sequential") and f"experts {chosen})" in proc.stdout
+    assert "auto, measured fwd+bwd on rank 0: " in line and "torch" in line and "sequential" in line
+    assert read_metrics(log)

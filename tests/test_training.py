@@ -42,14 +42,21 @@ def test_loss_falls_on_embedded_corpus(embedded_dataset, tmp_path):
 def test_resume_continues_with_identical_losses(tmp_path):
     common = ["--train-iters", "6", "--lr-decay-iters", "6", "--moe-z-loss-coeff", "1e-3"]
     straight = pretrain(tmp_path, "straight", common)
-    first = pretrain(tmp_path, "first", common + ["--exit-interval", "3", "--save", str(tmp_path / "ck")])
+    first = pretrain(tmp_path, "first", common + ["--exit-interval", "3", "--save-interval", "2",
+                                                  "--save", str(tmp_path / "ck")])
     resumed = pretrain(tmp_path, "resumed", common + ["--load", str(tmp_path / "ck")])
+    from_step_2 = pretrain(tmp_path, "from2", common + ["--load", str(tmp_path / "ck"), "--ckpt-step", "2"])
     assert [r["iteration"] for r in first] == [1, 2, 3]
     assert [r["iteration"] for r in resumed] == [4, 5, 6]
-    for a, b in zip(straight, first + resumed):
+    assert [r["iteration"] for r in from_step_2] == [3, 4, 5, 6]
+    for a, b in list(zip(straight, first + resumed)) + list(zip(straight[2:], from_step_2)):
         for key in ("lm loss", "grad norm", "load_balancing_loss", "z_loss", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "3"
+    proc = run_cli(["pretrain", *TINY_MODEL, *MOCK, *common, "--load", str(tmp_path / "ck"), "--ckpt-step", "5"],
+                   check=False)
+    assert proc.returncode == 2 and "--ckpt-step 5: " in proc.stderr and "iter_0000005 not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_load_refuses_a_checkpoint_of_another_architecture(tmp_path):

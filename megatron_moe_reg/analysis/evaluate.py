@@ -36,7 +36,8 @@ def config_from_checkpoint(load: str):
 
     init_process_group("gloo")
     path = checkpointing.resolve_iteration_dir(load)
-    saved = dist_checkpointing.load_common_state_dict(str(path)).get("moe_reg_config")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    saved = common.get("moe_reg_config")
     if not saved:
         raise ConfigError(f"--load {load}: the checkpoint has no moe-reg run configuration "
                           "(it was not written by 'moe-reg pretrain')")
@@ -48,7 +49,8 @@ def config_from_checkpoint(load: str):
         recompute_num_layers=None, recompute_modules=None, bf16=False, fp16=False,
         train_iters=0, global_batch_size=None, lr_decay_iters=1, lr_warmup_iters=0, eval_iters=0,
         eval_interval=None,
-        load=str(path.parent), save=None, save_interval=None, finetune=True, no_load_optim=True,
+        load=str(path.parent), ckpt_step=int(common["iteration"]), save=None, save_interval=None,
+        finetune=True, no_load_optim=True,
         tensorboard_dir=None, log_file=None, progress_bar=False, mock_data=True,
         data_path=None, train_data_path=None, valid_data_path=None, test_data_path=None,
         moe_reg_measure=False, moe_grouped_gemm=False, moe_grouped_gemm_backend="sequential")
@@ -188,7 +190,6 @@ def _measure(ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sampl
     from megatron_moe_reg.analysis.tokens import random_tokens, read_tokens
     from megatron_moe_reg.integration.expert_weights import local_expert_outputs, local_expert_weights
     from megatron_moe_reg.integration.install import moe_layers
-    from megatron_moe_reg.training import checkpointing
 
     model = ctx.gpt_model
     seq = cfg.model.seq_length
@@ -203,7 +204,7 @@ def _measure(ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sampl
     domain = moe_token_order(data.domains, micro_batch_size)
     num_domains = len(data.domain_names)
     result: dict = {
-        "checkpoint": str(load), "iteration": int(checkpointing.latest_iteration(cfg.ckpt.load) or 0),
+        "checkpoint": str(load), "iteration": cfg.ckpt.ckpt_step,
         "router_type": cfg.plugin.moe_router_type, "num_experts": cfg.moe.num_experts,
         "topk": cfg.moe.moe_router_topk, "num_tokens": lm["tokens"], "sample_tokens": 0,
         "lm_loss": lm["lm_loss"], "perplexity": math.exp(min(lm["lm_loss"], 50.0)),

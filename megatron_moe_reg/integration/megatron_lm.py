@@ -38,16 +38,21 @@ def add_plugin_args(parser):
     return parser
 
 
-def plugin_config(args) -> PluginConfig:
-    """The plugin options of a Megatron-LM argument namespace, checked against its model options
-    (Megatron-LM's flag names are ours, so the run options are read from the same namespace)."""
+def run_config(args):
+    """The plugin's view of a Megatron-LM argument namespace (Megatron-LM's flag names are ours),
+    with the plugin options checked against the model options."""
     from megatron_moe_reg.training import arguments, flags
 
     values = vars(args)
     groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in arguments.GROUPS}
     run = arguments.RunConfig(**groups, world_size=values.get("world_size", 1))
     run.plugin.validate(run)
-    return run.plugin
+    return run
+
+
+def plugin_config(args) -> PluginConfig:
+    """The plugin options of a Megatron-LM argument namespace, validated (``run_config``)."""
+    return run_config(args).plugin
 
 
 class MegatronLMPlugin:
@@ -55,15 +60,20 @@ class MegatronLMPlugin:
 
     def __init__(self, get_args: Callable[[], Any]):
         self.get_args = get_args
-        self._plugin: Optional[PluginConfig] = None
+        self._run = None
         self.regularizers = None
         self.iteration: Optional[int] = None
+        self._auto: Optional[str] = None
+
+    @property
+    def run(self):
+        if self._run is None:  # Megatron-LM's arguments are parsed and validated by now
+            self._run = run_config(self.get_args())
+        return self._run
 
     @property
     def plugin(self) -> PluginConfig:
-        if self._plugin is None:  # Megatron-LM's arguments are parsed and validated by now
-            self._plugin = plugin_config(self.get_args())
-        return self._plugin
+        return self.run.plugin
 
     def router(self):
         from megatron_moe_reg.integration import compat
@@ -79,12 +89,11 @@ class MegatronLMPlugin:
             raise ConfigError("--moe-grouped-gemm-backend te: in Megatron-LM, TEGroupedMLP is selected by its "
                               "own --moe-grouped-gemm; use that flag")
         if backend == "auto":
-            import torch
+            if self._auto is None:
+                from megatron_moe_reg.training.model import experts_backend
 
-            from megatron_moe_reg.experts.functional import backend_unavailable_reason
-
-            device = torch.device("cuda", torch.cuda.current_device())
-            backend = next((b for b in ("triton", "torch") if backend_unavailable_reason(b, device) is None), None)
+                self._auto = experts_backend(self.run, use_te=False)[0]
+            backend = self._auto
         return backend if backend in ("triton", "torch") else None
 
     # ------------------------------------------------------------------ replaced Megatron-LM names

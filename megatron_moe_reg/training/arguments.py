@@ -144,6 +144,7 @@ class CheckpointArgs:
     no_load_optim: bool = opt(False, "do not load optimizer state")
     no_load_rng: bool = opt(False, "do not load RNG state")
     finetune: bool = opt(False, "load weights only and start at iteration 0")
+    ckpt_step: Optional[int] = opt(None, "load this iteration of --load instead of the latest one")
     ckpt_format: str = opt("torch_dist", "checkpoint format", choices=["torch_dist"])
 
 
@@ -372,5 +373,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--save-interval must be >= 1")
     if cfg.ckpt.save_interval and not cfg.ckpt.save and "save_interval" in cfg.command_line:
         raise ConfigError("--save-interval needs --save DIR")
+    if cfg.ckpt.ckpt_step is not None:
+        if not cfg.ckpt.load:
+            raise ConfigError("--ckpt-step needs --load")
+        if cfg.ckpt.ckpt_step < 0:
+            raise ConfigError(f"--ckpt-step must be >= 0, got {cfg.ckpt.ckpt_step}")
     if p.recompute_granularity == "full" and p.recompute_method is None:
         raise ConfigError("--recompute-granularity full needs --recompute-method uniform|block")

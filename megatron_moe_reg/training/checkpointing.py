@@ -230,9 +230,12 @@ def _drop_restartable(model_sd: dict, path: Path) -> list[str]:
 
 
 def load_checkpoint(ctx) -> tuple[int, int]:
-    """Load ``--load`` into the model (and optimizer, scheduler, RNG). Returns (iteration, consumed)."""
+    """Load ``--load`` (its latest iteration, or ``--ckpt-step``) into the model (and optimizer,
+    scheduler, RNG). Returns (iteration, consumed)."""
     ck = ctx.cfg.ckpt
-    iteration = latest_iteration(ck.load)
+    iteration = latest_iteration(ck.load) if ck.ckpt_step is None else ck.ckpt_step
+    if ck.ckpt_step is not None and not iteration_dir(ck.load, iteration).is_dir():
+        raise ConfigError(f"--ckpt-step {iteration}: {iteration_dir(ck.load, iteration)} not found")
     if iteration is None:
         if ck.load == ck.save:  # resuming into the same directory: nothing written yet
             print_rank0(f"no checkpoint in {ck.load}; starting from scratch")

@@ -35,26 +35,42 @@ def use_transformer_engine(cfg: RunConfig) -> bool:
     return impl == "transformer_engine"
 
 
-def experts_backend(cfg: RunConfig, use_te: bool) -> str:
-    """The experts implementation: ``--moe-grouped-gemm-backend`` with ``auto`` resolved to the first
-    available of triton, te, torch on a GPU (bias-free SwiGLU experts), else sequential."""
-    from megatron_moe_reg.experts.functional import backend_unavailable_reason
-
+def experts_backend(cfg: RunConfig, use_te: bool) -> tuple[str, str]:
+    """(experts implementation, how it was chosen): ``--moe-grouped-gemm-backend``, with ``auto``
+    measured on this device at this run's per-rank expert shape (``experts.selection``) among
+    triton, torch and sequential (torch and sequential on CPU) for bias-free SwiGLU experts, rank 0's
+    choice shared by every rank; sequential for other experts."""
     backend = cfg.plugin.moe_grouped_gemm_backend
     if not cfg.moe.num_experts:
-        return "sequential"
+        return "sequential", ""
     if backend == "sequential" and cfg.moe.moe_grouped_gemm:
-        return "te"
+        return "te", ""
     if backend != "auto":
-        return backend
-    if not on_gpu() or not cfg.model.swiglu or cfg.model.add_bias_linear:
-        return "sequential"
-    device = torch.device("cuda", torch.cuda.current_device())
-    if backend_unavailable_reason("triton", device) is None:
-        return "triton"
-    if use_te:
-        return "te"
-    return "torch" if backend_unavailable_reason("torch", device) is None and cfg.train.bf16 else "sequential"
+        return backend, ""
+    if not cfg.model.swiglu or cfg.model.add_bias_linear:
+        return "sequential", "auto: the grouped backends need bias-free SwiGLU experts"
+    return _measured_backend(cfg)
+
+
+def _measured_backend(cfg: RunConfig) -> tuple[str, str]:
+    import torch.distributed as dist
+
+    from megatron_moe_reg.experts.selection import ExpertShape, fastest_backend
+
+    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+    candidates = ["triton", "torch", "sequential"] if on_gpu() else ["torch", "sequential"]
+    shape = ExpertShape(num_experts=moe.num_experts // p.expert_model_parallel_size, hidden=m.hidden_size,
+                        ffn=moe.moe_ffn_hidden_size // p.expert_tensor_parallel_size,
+                        rows=t.micro_batch_size * m.seq_length // p.context_parallel_size * moe.moe_router_topk)
+    choice = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        best, times = fastest_backend(candidates, shape, device, torch.bfloat16 if t.bf16 else torch.float32)
+        measured = ", ".join(f"{b} {1e3 * s:.1f} ms" for b, s in sorted(times.items(), key=lambda kv: kv[1]))
+        choice = [(best, f"auto, measured fwd+bwd on rank 0: {measured}")]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def padded_vocab_size(vocab_size: int, cfg: RunConfig) -> int:

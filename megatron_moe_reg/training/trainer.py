@@ -51,7 +51,7 @@ def setup(cfg: RunConfig, experts=None) -> TrainingContext:
     distributed.initialize(cfg)
     use_te = model_lib.use_transformer_engine(cfg)
     tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size)
-    experts_backend = model_lib.experts_backend(cfg, use_te)
+    experts_backend, experts_choice = model_lib.experts_backend(cfg, use_te)
     config = model_lib.transformer_config(cfg, use_te, experts_backend)
     gpt = model_lib.build_gpt_model(
         cfg, config, tokenizer.vocab_size, use_te, router=plugin_router(cfg), experts=experts,
@@ -66,6 +66,8 @@ def setup(cfg: RunConfig, experts=None) -> TrainingContext:
         config.grad_sync_func = chunks[0].start_grad_sync
     datasets = build_datasets(cfg, tokenizer) if needs_data() else (None, None, None)
     _print_summary(cfg, config, gpt, tokenizer, use_te, experts_backend)
+    if experts_choice:
+        distributed.print_rank0(f"experts: {experts_backend} ({experts_choice})")
     if regularizers is not None and regularizers.skipped_coupling_pairs:
         distributed.print_rank0(f"note: coupling pairs {regularizers.skipped_coupling_pairs} straddle a "
                                 "pipeline stage without MoE layers and are skipped")
@@ -96,16 +98,12 @@ def _print_summary(cfg: RunConfig, config, gpt, tokenizer, use_te: bool, experts
         f"{' SP' if p.sequence_parallel else ''}\n"
         f"GPT-MoE: {m.num_layers} layers ({n_moe} MoE, {moe.num_experts or 0} experts, top-{moe.moe_router_topk}"
         f"{', dispatcher ' + moe.moe_token_dispatcher_type if moe.num_experts else ''}"
-        f"{', experts ' + experts_backend + _auto(cfg) if moe.num_experts else ''}), hidden {m.hidden_size}, "
+        f"{', experts ' + experts_backend if moe.num_experts else ''}), hidden {m.hidden_size}, "
         f"vocab {tokenizer.vocab_size} | parameters {total / 1e6:.2f}M, active per token {active / 1e6:.2f}M\n"
         f"global batch {cfg.train.global_batch_size} x {m.seq_length} tokens, "
         f"{cfg.num_microbatches} micro-batch(es) of {cfg.train.micro_batch_size}, {cfg.train.train_iters} steps")
     for notice in cfg.notices():
         distributed.print_rank0(f"note: {notice}")
-
-
-def _auto(cfg: RunConfig) -> str:
-    return " (auto)" if cfg.plugin.moe_grouped_gemm_backend == "auto" else ""
 
 
 def megatron_moe_track_names(cfg: RunConfig) -> list[str]:

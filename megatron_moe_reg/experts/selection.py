@@ -1,0 +1,68 @@
+"""``auto``: the fastest grouped-MLP backend for one shape, measured on this device.
+
+Each candidate runs the expert block forward and backward on synthetic rows of the given shape
+(an even split over the experts) after one warm-up call (Triton autotuning, allocator); the
+backend with the smallest median time over ``repeats`` calls wins.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_moe_reg.experts.functional import backend_unavailable_reason, grouped_mlp
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    num_experts: int
+    hidden: int
+    ffn: int
+    rows: int
+
+
+def _inputs(shape: ExpertShape, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    counts = [shape.rows // shape.num_experts + (1 if e < shape.rows % shape.num_experts else 0)
+              for e in range(shape.num_experts)]
+    x = torch.randn(shape.rows, shape.hidden, generator=g).to(device, dtype).requires_grad_()
+    fc1 = (torch.randn(shape.num_experts, 2 * shape.ffn, shape.hidden, generator=g) * shape.hidden ** -0.5)
+    fc2 = (torch.randn(shape.num_experts, shape.hidden, shape.ffn, generator=g) * shape.ffn ** -0.5)
+    probs = torch.rand(shape.rows, generator=g).to(device)
+    return x, counts, fc1.to(device, dtype).requires_grad_(), fc2.to(device, dtype).requires_grad_(), probs
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_backends(candidates: list[str], shape: ExpertShape, device, dtype, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of forward+backward for each candidate that can run here."""
+    x, counts, fc1, fc2, probs = _inputs(shape, device, dtype)
+    times: dict[str, float] = {}
+    for backend in candidates:
+        if backend_unavailable_reason(backend, torch.device(device)) is not None:
+            continue
+        try:
+            runs = []
+            for i in range(repeats + 1):
+                _sync(device)
+                start = time.perf_counter()
+                grouped_mlp(x, counts, fc1, fc2, probs, backend=backend).float().sum().backward()
+                _sync(device)
+                if i:  # the first call warms up
+                    runs.append(time.perf_counter() - start)
+        except (ValueError, TypeError, RuntimeError):  # e.g. alignment or dtype limits of torch._grouped_mm
+            continue
+        times[backend] = statistics.median(runs)
+    return times
+
+
+def fastest_backend(candidates: list[str], shape: ExpertShape, device, dtype) -> tuple[str, dict[str, float]]:
+    """(the fastest of ``candidates`` here, the measured seconds); ``sequential`` if none ran."""
+    times = time_backends(candidates, shape, device, dtype)
+    return (min(times, key=times.get) if times else "sequential"), times
