@@ -208,6 +208,10 @@ class PluginConfig:
         if not run.model.swiglu or run.model.add_bias_linear:
             raise ConfigError(f"--moe-grouped-gemm-backend {backend} computes bias-free SwiGLU experts; add "
                               "--swiglu and --disable-bias-linear, or use --moe-grouped-gemm-backend sequential")
+        if "moe_act" in (run.parallel.recompute_modules or []):
+            raise ConfigError(f"--recompute-modules moe_act recomputes SequentialMLP's activation, which "
+                              f"--moe-grouped-gemm-backend {backend} computes inside its kernels; recompute "
+                              "'moe' instead, or use --moe-grouped-gemm-backend sequential")
         import torch
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

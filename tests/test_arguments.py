@@ -68,6 +68,8 @@ def test_example_configs_parse():
     (MOCK + ["--ckpt-step", "3"], 1, "--ckpt-step needs --load"),
     (MOCK + ["--moe-grouped-gemm-backend", "triton", "--no-swiglu"], 1,
      "--moe-grouped-gemm-backend triton computes bias-free SwiGLU experts; add --swiglu"),
+    (MOCK + ["--moe-grouped-gemm-backend", "torch", "--recompute-granularity", "selective",
+              "--recompute-modules", "moe_act"], 1, "recompute 'moe' instead"),
     (MOCK + ["--moe-grouped-gemm-backend", "triton", "--moe-grouped-gemm"], 1,
      "conflicts with --moe-grouped-gemm-backend triton"),
     (MOCK + ["--moe-grouped-gemm-backend", "te", "--transformer-impl", "local"], 1,

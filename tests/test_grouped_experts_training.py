@@ -1,7 +1,8 @@
 """Grouped-GEMM experts inside the GPT-MoE: the triton and torch backends reproduce Megatron's
 SequentialMLP (values and gradients of the LM loss plus R_sp, R_cp and the routing metrics) in one
-process, under EP2 (alltoall) and TP2+SP with expert-tensor parallelism; training gives the same
-losses, and checkpoints move between backends in both directions (optimizer state included).
+process, under EP2 (alltoall), TP2+SP with expert-tensor parallelism and MoE recompute; training
+gives the same losses, and checkpoints move between backends in both directions (optimizer state
+included).
 
 Without CUDA the triton kernels run in Triton's interpreter (tests/conftest.py)."""
 
@@ -27,6 +28,8 @@ CASES = {  # name: (processes, flags)
                                 "--moe-token-dispatcher-type", "alltoall"]),
     "triton-tp2-sp-etp2": (2, ["--moe-grouped-gemm-backend", "triton", "--tensor-model-parallel-size", "2",
                                "--sequence-parallel"]),
+    "triton-recompute-moe": (1, ["--moe-grouped-gemm-backend", "triton", "--recompute-granularity", "selective",
+                                 "--recompute-modules", "moe"]),
 }
 
 

@@ -49,6 +49,8 @@ def experts_backend(cfg: RunConfig, use_te: bool) -> tuple[str, str]:
         return backend, ""
     if not cfg.model.swiglu or cfg.model.add_bias_linear:
         return "sequential", "auto: the grouped backends need bias-free SwiGLU experts"
+    if "moe_act" in (cfg.parallel.recompute_modules or []):
+        return "sequential", "auto: --recompute-modules moe_act recomputes SequentialMLP's activation"
     return _measured_backend(cfg)
 
 
