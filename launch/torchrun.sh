@@ -39,11 +39,7 @@ CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC"
      --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
      --tensorboard-dir "$RUN_DIR/tensorboard" --log-file "$RUN_DIR/metrics.jsonl" "$@")
 
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q ' "${CMD[@]}"; echo
-  exit 0
-fi
-mkdir -p "$RUN_DIR"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-"${CMD[@]}"
+# shellcheck source=launch/common.sh
+source launch/common.sh
+run_or_print "$RUN_DIR" "${CMD[@]}"
 echo "TensorBoard: tensorboard --logdir $RUN_DIR/tensorboard    checkpoints: $RUN_DIR/checkpoints"

@@ -22,9 +22,6 @@ CMD=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RA
      --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
      --tensorboard-dir "$RUN_DIR/tensorboard" --log-file "$RUN_DIR/metrics.jsonl" "$@")
 
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q ' "${CMD[@]}"; echo
-  exit 0
-fi
-mkdir -p "$RUN_DIR"
-"${CMD[@]}"
+# shellcheck source=launch/common.sh
+source launch/common.sh
+run_or_print "$RUN_DIR" "${CMD[@]}"

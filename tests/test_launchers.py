@@ -1,0 +1,33 @@
+"""The launch scripts build the torchrun commands the README documents (DRY_RUN=1 prints them)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _dry(script: str, args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "DRY_RUN": "1", "PYTHON": "python3", **env})
+
+
+def test_single_node_command_uses_the_prepared_dataset_and_run_directory():
+    proc = _dry("torchrun.sh", ["examples/tiny_cpu.toml", "--train-iters", "2"], NPROC="2", RUN_DIR="runs/x")
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    assert cmd[:6] == ["python3", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    assert "--train-data-path" in cmd and cmd[-2:] == ["--train-iters", "2"]
+    assert cmd[cmd.index("--save") + 1] == "runs/x/checkpoints" == cmd[cmd.index("--load") + 1]
+
+
+def test_multi_node_command_and_its_required_environment():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "NPROC_PER_NODE": "8"}
+    proc = _dry("torchrun_multinode.sh", ["examples/mixtral_like.toml", "--mock-data"], **env)
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    for flag, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--master-addr", "node0"),
+                        ("--nproc-per-node", "8"), ("--config", "examples/mixtral_like.toml")):
+        assert cmd[cmd.index(flag) + 1] == value
+    missing = _dry("torchrun_multinode.sh", ["examples/mixtral_like.toml"], NODE_RANK="0", MASTER_ADDR="n")
+    assert missing.returncode != 0 and "NNODES" in missing.stderr
