@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_moe_reg.experts.selection import synchronize
+
 GPU_SHAPES = {  # name: (experts, hidden, ffn, tokens, topk)
     "coarse": (8, 4096, 14336, 16384, 2),
     "fine64": (64, 2048, 1408, 16384, 8),
@@ -37,11 +39,6 @@ CPU_SHAPES = {
     "fine64": (64, 128, 96, 1024, 8),
     "fine128": (128, 128, 48, 1024, 8),
 }
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def routed_inputs(shape, device, dtype, seed=0):
@@ -117,10 +114,10 @@ def dense_seconds(rows, hidden, ffn, device, dtype, rounds) -> float:
     run()
     times = []
     for _ in range(rounds):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         run()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -139,10 +136,10 @@ def bench_shape(name, shape, device, dtype, rounds) -> list[dict]:
         for b, fn in steps.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fn(x, counts, fc1, fc2, probs).float().sum().backward()
-            _sync(device)
+            synchronize(device)
             times[b].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peak[b] = torch.cuda.max_memory_allocated() / 2 ** 30

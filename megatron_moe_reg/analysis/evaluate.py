@@ -31,7 +31,7 @@ def config_from_checkpoint(load: str):
     """The checkpoint's run configuration, as one process with every parallel size 1."""
     from megatron.core import dist_checkpointing
 
-    from megatron_moe_reg.training import arguments, checkpointing, flags
+    from megatron_moe_reg.training import arguments, checkpointing
     from megatron_moe_reg.training.distributed import init_process_group
 
     init_process_group("gloo")
@@ -54,8 +54,7 @@ def config_from_checkpoint(load: str):
         tensorboard_dir=None, log_file=None, progress_bar=False, mock_data=True,
         data_path=None, train_data_path=None, valid_data_path=None, test_data_path=None,
         moe_reg_measure=False, moe_grouped_gemm=False, moe_grouped_gemm_backend="sequential")
-    groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in arguments.GROUPS}
-    cfg = arguments.RunConfig(**groups, world_size=1)
+    cfg = arguments.run_config_from_values(values, world_size=1)
     arguments.finalize(cfg)
     return cfg, saved
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from megatron_moe_reg.config import GROUPED_GEMM_BACKENDS
-from megatron_moe_reg.experts.layout import Weights, as_list, row_layout
+from megatron_moe_reg.experts.layout import Weights, as_list, expert_offsets
 from megatron_moe_reg.experts.reference import grouped_mlp_reference
 
 BACKENDS = GROUPED_GEMM_BACKENDS
@@ -79,12 +79,12 @@ def grouped_mlp_with_activation(x_NH: torch.Tensor, tokens_per_expert: Union[tor
     if backend == "sequential":
         counts = tokens_per_expert.tolist() if isinstance(tokens_per_expert, torch.Tensor) else tokens_per_expert
         return grouped_mlp_reference(x_NH, counts, fc1_list, fc2_list, probs_N)
-    layout = row_layout(tokens_per_expert, x_NH.shape[0], x_NH.device)
     if backend == "triton":
         from megatron_moe_reg.experts.triton_backend import TritonGroupedSwiGLU as Function
     else:
         from megatron_moe_reg.experts.torch_backend import TorchGroupedSwiGLU as Function
-    return Function.apply(x_NH, probs_N, layout.offsets, len(fc1_list), *fc1_list, *fc2_list)
+    return Function.apply(x_NH, probs_N, expert_offsets(tokens_per_expert, x_NH.device), len(fc1_list),
+                          *fc1_list, *fc2_list)
 
 
 def grouped_mlp(x_NH: torch.Tensor, tokens_per_expert_E: Union[torch.Tensor, Sequence[int]],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
@@ -11,29 +10,13 @@ import torch
 Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """Rows of expert e are ``x[offsets[e]:offsets[e + 1]]``; ``offsets`` is int32 on x's device."""
-
-    offsets: torch.Tensor
-    num_rows: int
-
-    @property
-    def num_experts(self) -> int:
-        return self.offsets.numel() - 1
-
-    def counts(self) -> list[int]:
-        """Rows per expert on the host (synchronizes when the offsets are on a GPU)."""
-        return torch.diff(self.offsets).tolist()
-
-
-def row_layout(tokens_per_expert: Union[torch.Tensor, Sequence[int]], num_rows: int,
-               device: torch.device) -> RowLayout:
-    """The layout of ``num_rows`` expert-sorted rows; no host-device synchronization."""
+def expert_offsets(tokens_per_expert: Union[torch.Tensor, Sequence[int]], device: torch.device) -> torch.Tensor:
+    """int32 [E + 1] on ``device``: rows of expert e are ``x[offsets[e]:offsets[e + 1]]``
+    (no host-device synchronization)."""
     counts = torch.as_tensor(tokens_per_expert).to(device=device, dtype=torch.int32, non_blocking=True)
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    return RowLayout(offsets=offsets, num_rows=num_rows)
+    return offsets
 
 
 def as_list(weights: Weights) -> list[torch.Tensor]:

@@ -12,12 +12,12 @@ This is the ``sequential`` backend of ``grouped_mlp`` and the ground truth of th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
+from megatron_moe_reg.experts.layout import Weights
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

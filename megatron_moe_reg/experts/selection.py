@@ -35,7 +35,8 @@ def _inputs(shape: ExpertShape, device, dtype):
     return x, counts, fc1.to(device, dtype).requires_grad_(), fc2.to(device, dtype).requires_grad_(), probs
 
 
-def _sync(device) -> None:
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings are complete."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -50,10 +51,10 @@ def time_backends(candidates: list[str], shape: ExpertShape, device, dtype, repe
         try:
             runs = []
             for i in range(repeats + 1):
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 grouped_mlp(x, counts, fc1, fc2, probs, backend=backend).float().sum().backward()
-                _sync(device)
+                synchronize(device)
                 if i:  # the first call warms up
                     runs.append(time.perf_counter() - start)
         except (ValueError, TypeError, RuntimeError):  # e.g. alignment or dtype limits of torch._grouped_mm

@@ -44,7 +44,7 @@ class TritonGroupedSwiGLU(torch.autograd.Function):
         z, h = rows_matmul(x, offsets, t1, shape1, strides1, swiglu=True)
         y, _ = rows_matmul(z, offsets, t2, shape2, strides2, row_scale=probs)
         ctx.save_for_backward(x, h, z, probs, offsets)
-        ctx.tables, ctx.layouts, ctx.num_experts = (t1, t2), (shape1, strides1, shape2, strides2), num_experts
+        ctx.tables, ctx.layouts = (t1, t2), (shape1, strides1, shape2, strides2)
         ctx.weight_dtype = weights[0].dtype
         return y, z
 

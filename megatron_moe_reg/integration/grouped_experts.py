@@ -24,6 +24,9 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron_moe_reg.experts.functional import grouped_mlp_with_activation
 
 
+MODULE_BACKENDS = ("triton", "torch")  # the backends GroupedGemmExperts runs; the others are Megatron's
+
+
 class _HookHandle:
     def __init__(self, hooks: list, fn: Callable):
         self.hooks, self.fn = hooks, fn

@@ -41,11 +41,9 @@ def add_plugin_args(parser):
 def run_config(args):
     """The plugin's view of a Megatron-LM argument namespace (Megatron-LM's flag names are ours),
     with the plugin options checked against the model options."""
-    from megatron_moe_reg.training import arguments, flags
+    from megatron_moe_reg.training.arguments import run_config_from_values
 
-    values = vars(args)
-    groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in arguments.GROUPS}
-    run = arguments.RunConfig(**groups, world_size=values.get("world_size", 1))
+    run = run_config_from_values(vars(args), world_size=getattr(args, "world_size", 1))
     run.plugin.validate(run)
     return run
 
@@ -76,14 +74,11 @@ class MegatronLMPlugin:
         return self.run.plugin
 
     def router(self):
-        from megatron_moe_reg.integration import compat
-        from megatron_moe_reg.routers import router_class
+        from megatron_moe_reg.training.trainer import plugin_router
 
-        if not self.plugin.any_enabled:
-            return None
-        return compat.router_builder(router_class(self.plugin.moe_router_type), plugin=self.plugin)
+        return plugin_router(self.run)
 
-    def grouped_backend(self) -> Optional[str]:
+    def grouped_backend(self) -> str:
         backend = self.plugin.moe_grouped_gemm_backend
         if backend == "te" and not self.get_args().moe_grouped_gemm:
             raise ConfigError("--moe-grouped-gemm-backend te: in Megatron-LM, TEGroupedMLP is selected by its "
@@ -94,7 +89,7 @@ class MegatronLMPlugin:
 
                 self._auto = experts_backend(self.run, use_te=False)[0]
             backend = self._auto
-        return backend if backend in ("triton", "torch") else None
+        return backend
 
     # ------------------------------------------------------------------ replaced Megatron-LM names
     def block_spec_function(self, original: Callable) -> Callable:

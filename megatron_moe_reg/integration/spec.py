@@ -16,7 +16,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_moe_reg.integration import compat
-from megatron_moe_reg.integration.grouped_experts import GroupedGemmExperts
+from megatron_moe_reg.integration.grouped_experts import MODULE_BACKENDS, GroupedGemmExperts
 from megatron_moe_reg.integration.norms import SequenceParallelTorchNorm
 
 
@@ -27,9 +27,9 @@ def _swap_torch_norm(norm_spec: Any) -> Any:
 def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool, grouped_backend: Optional[str]) -> Any:
     sub = layer_spec.submodules
     changes: dict[str, Any] = {}
-    if (moe_changes or grouped_backend) and compat.is_moe_spec(sub.mlp):
+    if (moe_changes or grouped_backend in MODULE_BACKENDS) and compat.is_moe_spec(sub.mlp):
         layer_changes = dict(moe_changes)
-        if grouped_backend and "experts" not in layer_changes:
+        if grouped_backend in MODULE_BACKENDS and "experts" not in layer_changes:
             layer_changes["experts"] = compat.replace_experts_class(
                 compat.moe_submodules(sub.mlp).experts, SequentialMLP, GroupedGemmExperts, backend=grouped_backend)
         changes["mlp"] = compat.replace_moe_submodules(sub.mlp, **layer_changes)
@@ -49,7 +49,8 @@ def patch_block_spec(spec: TransformerBlockSubmodules, config, use_transformer_e
     ``router``: a ``MoESubmodules.router`` builder (None keeps Megatron's TopKRouter).
     ``experts``: a ``MoESubmodules.experts`` spec (None keeps Megatron's experts).
     ``grouped_backend``: ``triton`` or ``torch`` turns Megatron's SequentialMLP into
-    ``GroupedGemmExperts`` with the same submodules (None keeps it).
+    ``GroupedGemmExperts`` with the same submodules; any other value (``sequential``, ``te``, None)
+    keeps Megatron's experts.
     """
     moe_changes = {k: v for k, v in (("router", router), ("experts", experts)) if v is not None}
     swap_norms = config.sequence_parallel and not use_transformer_engine

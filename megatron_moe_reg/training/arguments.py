@@ -221,11 +221,16 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         values.update(flags.load_config_file(ns.config, [cls for _, cls, _ in GROUPS]))
     given = {k: v for k, v in vars(ns).items() if k != "config"}
     values.update(given)
-    groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in GROUPS}
     ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = RunConfig(**groups, world_size=ws, command_line=frozenset(given))
+    cfg = run_config_from_values(values, ws, command_line=frozenset(given))
     finalize(cfg)
     return cfg
+
+
+def run_config_from_values(values: dict, world_size: int, command_line: frozenset = frozenset()) -> RunConfig:
+    """A RunConfig from option values keyed by field name (others ignored; missing ones default)."""
+    groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in GROUPS}
+    return RunConfig(**groups, world_size=world_size, command_line=command_line)
 
 
 def finalize(cfg: RunConfig) -> None:

@@ -55,7 +55,7 @@ def setup(cfg: RunConfig, experts=None) -> TrainingContext:
     config = model_lib.transformer_config(cfg, use_te, experts_backend)
     gpt = model_lib.build_gpt_model(
         cfg, config, tokenizer.vocab_size, use_te, router=plugin_router(cfg), experts=experts,
-        grouped_backend=experts_backend if experts_backend in ("triton", "torch") else None)
+        grouped_backend=experts_backend)
     chunks = model_lib.wrap_model(cfg, config, gpt)
     regularizers = install(chunks, cfg.plugin) if plugin_router(cfg) is not None else None
     optimizer, scheduler = build_optimizer(cfg, chunks)
