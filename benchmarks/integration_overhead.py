@@ -28,10 +28,10 @@ def build(cfg, variant: str):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    from megatron_moe_reg.integration.install import install
-    from megatron_moe_reg.integration.spec import gpt_block_spec
+    from megatron_moe_reg.integration.install import install, router_builder
+    from megatron_moe_reg.integration.megatron.spec import gpt_block_spec
+    from megatron_moe_reg.integration.regularizers import StepPlan
     from megatron_moe_reg.training import model as model_lib
-    from megatron_moe_reg.training.trainer import plugin_router
 
     use_te = model_lib.use_transformer_engine(cfg)
     config = model_lib.transformer_config(cfg, use_te)
@@ -39,7 +39,7 @@ def build(cfg, variant: str):
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                           normalization=config.normalization, pp_rank=0)
     else:
-        spec = gpt_block_spec(config, use_te, router=plugin_router(cfg), pp_rank=0)
+        spec = gpt_block_spec(config, use_te, router=router_builder(cfg.plugin, cfg.model_shape()), pp_rank=0)
     torch.manual_seed(0)
     model = GPTModel(config=config, transformer_layer_spec=spec,
                      vocab_size=model_lib.padded_vocab_size(cfg.model.vocab_size, cfg),
@@ -47,7 +47,7 @@ def build(cfg, variant: str):
                      position_embedding_type=cfg.model.position_embedding_type)
     assert parallel_state.model_parallel_is_initialized()
     if variant == "plugin":
-        install([model], cfg.plugin).begin_step(measure=False)
+        install([model], cfg.plugin).begin_step(1, StepPlan())
     if torch.cuda.is_available():
         model.cuda()
     if cfg.train.bf16:
@@ -78,7 +78,7 @@ def step(model, tokens, positions) -> float:
 
 
 def setup(argv):
-    from megatron_moe_reg.cli import quiet_third_party_warnings
+    from megatron_moe_reg.errors import quiet_third_party_warnings
     from megatron_moe_reg.training import distributed
     from megatron_moe_reg.training.arguments import parse_args
 

@@ -35,7 +35,7 @@ VARIANTS = {"off": (0.0, 0.0, 0.0, False), "measure": (0.0, 0.0, 0.0, True), "R_
 
 
 def setup(argv):
-    from megatron_moe_reg.cli import quiet_third_party_warnings
+    from megatron_moe_reg.errors import quiet_third_party_warnings
     from megatron_moe_reg.training import trainer
     from megatron_moe_reg.training.arguments import parse_args
 
@@ -50,18 +50,19 @@ def setup(argv):
 
 
 def run_step(ctx, data, variant: str) -> float:
+    from megatron_moe_reg.integration.regularizers import StepPlan
     from megatron_moe_reg.training.step import train_step
 
     sp, cp, orth, measure = VARIANTS[variant]
-    regs = ctx.extras["regularizers"]
-    regs.set_coefficients(sp, cp, orth)
-    regs.begin_step(measure=measure)
+    regs = ctx.regularizers
+    regs.set_coefficients({"moe_specialization_loss_coeff": sp, "moe_coupling_loss_coeff": cp,
+                           "moe_weight_orthogonality_coeff": orth})
+    regs.begin_step(1, StepPlan(measure=measure))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     train_step(ctx, data)
-    regs.end_step()
-    regs.report(0)
+    regs.finish_step(1)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0

@@ -45,7 +45,8 @@ def router_part(argv) -> None:
     routers = {"megatron": TopKRouter(config=config, pg_collection=pg)}
     for kind in KINDS:
         extra = {"moe_eigen_rank": argv.rank} if kind in ("ermoe", "emoe") else {}
-        routers[kind] = ROUTERS[kind](config=config, pg_collection=pg, plugin=PluginConfig(moe_router_type=kind, **extra))
+        plugin = PluginConfig(moe_router_type=kind, **extra)
+        routers[kind] = ROUTERS[kind](config=config, pg_collection=pg, plugin=plugin)
     for r in routers.values():
         r.set_layer_number(1)
         r.to(device).train()
@@ -69,6 +70,7 @@ def router_part(argv) -> None:
 
 
 def step_part(argv) -> None:
+    from megatron_moe_reg.integration.regularizers import StepPlan
     from megatron_moe_reg.training import trainer
     from megatron_moe_reg.training.arguments import parse_args
     from megatron_moe_reg.training.data import make_loader
@@ -85,12 +87,12 @@ def step_part(argv) -> None:
     times = {k: [] for k in contexts}
     for i in range(argv.steps + 1):
         for kind, (ctx, data) in contexts.items():
-            ctx.extras["regularizers"].begin_step(measure=False)
+            ctx.regularizers.begin_step(1, StepPlan())
             _sync()
             t0 = time.perf_counter()
             train_step(ctx, data)
             _sync()
-            ctx.extras["regularizers"].end_step()
+            ctx.regularizers.finish_step(1)
             if i > 0:
                 times[kind].append(time.perf_counter() - t0)
     base = statistics.median(times["topk"])
@@ -111,7 +113,7 @@ def main() -> None:
     p.add_argument("--config", default="examples/tiny_cpu.toml")
     p.add_argument("--steps", type=int, default=6)
     argv = p.parse_args()
-    from megatron_moe_reg.cli import quiet_third_party_warnings
+    from megatron_moe_reg.errors import quiet_third_party_warnings
     from megatron_moe_reg.training import distributed
     from megatron_moe_reg.training.arguments import parse_args
 
@@ -119,9 +121,9 @@ def main() -> None:
     distributed.initialize(parse_args(["--mock-data", "--vocab-size", "64"], world_size=1))
     device = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}")
-    from megatron_moe_reg.integration.compat import reset_megatron_moe_tracker
-
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_moe_reg.integration.megatron.compat import reset_megatron_moe_tracker
 
     router_part(argv)
     # standalone backwards leave Megatron's aux-loss scale as a 0-d tensor the schedules cannot fill

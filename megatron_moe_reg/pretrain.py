@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_moe_reg.cli import quiet_third_party_warnings, run_guarded
+    from megatron_moe_reg.errors import quiet_third_party_warnings, run_guarded
 
     quiet_third_party_warnings()
     sys.exit(run_guarded(main, sys.argv[1:]))

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.getcwd())  # the Megatron-LM checkout: pretrain_gpt.py, gpt_builders.py, model_provider.py
 
-from megatron_moe_reg.integration.megatron_lm import run_pretrain_gpt  # noqa: E402
+from megatron_moe_reg.integration.megatron_lm import run_pretrain_gpt  # noqa: E402  # after the checkout joins sys.path
 
 if __name__ == "__main__":
     run_pretrain_gpt()

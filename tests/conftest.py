@@ -1,16 +1,16 @@
 import os
-import sys
-from pathlib import Path
+import typing
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+from helpers import run_cli
 
 if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import run_cli  # noqa: E402
+if not hasattr(typing, "override"):  # Megatron-LM's megatron.training (0.19 wheels) uses Python 3.12's
+    typing.override = lambda method: method  # type: ignore[attr-defined]  # test harness only, for 3.11
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def groups():
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-    from megatron_moe_reg.integration import cpu_runtime
+    from megatron_moe_reg.integration.megatron import cpu_runtime
     from megatron_moe_reg.training.distributed import init_process_group
 
     init_process_group("gloo")
@@ -41,7 +41,7 @@ def groups():
     parallel_state.destroy_model_parallel()
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_moe_reg.integration.compat import reset_megatron_moe_tracker
+    from megatron_moe_reg.integration.megatron.compat import reset_megatron_moe_tracker
 
     # backwards outside a schedule leave a 0-d aux-loss scale and a 2-layer tracker behind
     MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> None:
-    from megatron_moe_reg.cli import quiet_third_party_warnings
+    from megatron_moe_reg.errors import quiet_third_party_warnings
 
     quiet_third_party_warnings()
     import torch
@@ -28,6 +28,7 @@ def main(argv: list[str]) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_moe_reg.integration.regularizers import StepPlan
     from megatron_moe_reg.training import checkpointing, distributed, trainer
     from megatron_moe_reg.training.arguments import parse_args
     from megatron_moe_reg.training.data import make_loader, needs_data
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(rest)
     ctx = trainer.setup(cfg)
     checkpointing.load_checkpoint(ctx)
-    regs = ctx.extras["regularizers"]
+    regs = ctx.regularizers
 
     def forward_step(data_iterator, model):
         batch = batch_to_device(next(data_iterator) if data_iterator is not None else None)
@@ -56,14 +57,13 @@ def main(argv: list[str]) -> None:
     data = iter(make_loader(ctx.datasets[0], cfg)) if needs_data() else None
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
-    regs.begin_step(measure=True, expensive=True)
+    regs.begin_step(1, StepPlan(measure=True, expensive=True))
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data, model=ctx.model,
         num_microbatches=cfg.num_microbatches, seq_length=cfg.model.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, decoder_seq_length=cfg.model.seq_length,
         forward_only=False)
-    regs.end_step()
-    values = regs.report(1)
+    values = regs.finish_step(1)
     with torch.no_grad():
         for param in ctx.gpt_model.parameters():
             grad = getattr(param, "main_grad", None)

@@ -1,4 +1,6 @@
-"""Run the real ``moe-reg`` entry points (alone or under torchrun) and read their metrics."""
+"""What the tests share: running the real ``moe-reg`` entry points (alone or under torchrun) and
+reading their metrics, one step of the plugin losses under any layout (``probe``) and comparing it
+with a reference (``assert_same``), and the flag sets several test modules use."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 # A small GPT-MoE that trains in seconds on a CPU core.
 TINY_MODEL = [
@@ -81,3 +85,68 @@ def without(flags: list[str], *names: str) -> list[str]:
             continue
         out.append(item)
     return out
+
+
+# ---------------------------------------------------------------- one step of the plugin losses (grad_probe.py)
+PROBE = str(Path(__file__).parent / "grad_probe.py")
+LOSS_MODEL = without(TINY_MODEL, "--num-layers") + ["--num-layers", "4", "--moe-aux-loss-coeff", "0"]
+LOSSES = ["--moe-specialization-loss-coeff", "1.0", "--moe-coupling-loss-coeff", "1.0",
+          "--moe-metrics-interval", "1", "--moe-metrics-sample-tokens", "16"]  # PES / MSO: 16 = seq / TP
+BATCH = ["--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "1", "--lr-warmup-iters", "0"]
+LOSS_LAYOUTS = {
+    "dp2": (2, []),
+    "ep2-allgather": (2, ["--expert-model-parallel-size", "2"]),
+    "ep2-alltoall": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
+    "tp2-sp-etp2": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "tp2-sp-etp2-alltoall": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                 "--moe-token-dispatcher-type", "alltoall"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "one-micro-batch": (1, ["--micro-batch-size", "8"]),
+    "recompute-full": (1, ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                           "--recompute-num-layers", "1"]),
+    "recompute-selective-moe": (1, ["--recompute-granularity", "selective", "--recompute-modules", "moe"]),
+    "per-token-loss": (1, ["--calculate-per-token-loss"]),
+    "pp2-recompute-full": (2, ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full",
+                               "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
+    "tp2-sp-per-token-loss": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                  "--calculate-per-token-loss"]),
+    "tp2-sp-ep2-etp1": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                            "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                            "--moe-token-dispatcher-type", "alltoall"]),
+}
+
+
+def probe(out: Path, flags: list[str], nproc: int, model: list[str] = LOSS_MODEL) -> tuple[dict, dict]:
+    """Run tests/grad_probe.py (one step of the plugin losses, gradients saved); ``model`` may start
+    with ``--lm-loss-scale S``. Returns (reported values, reduced gradients)."""
+    from megatron_moe_reg.training.checkpointing import read_model_tensors
+
+    head = model[:2] if model[:1] == ["--lm-loss-scale"] else []
+    cmd = [sys.executable, PROBE, str(out), *head, *model[len(head):], "--mock-data", *BATCH, *LOSSES, *flags]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads((out / "values.json").read_text()), read_model_tensors(str(out / "grads"))
+
+
+def assert_same(values, grads, ref_values, ref_grads, layout):
+    """Values within 1e-5 (relative) and gradients within 1e-5 of their scale of a reference run."""
+    assert values.keys() == ref_values.keys()
+    for key, expected in ref_values.items():
+        assert values[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), (layout, key)
+    assert grads.keys() == ref_grads.keys()
+    for key, expected in ref_grads.items():
+        scale = expected.abs().max().item()
+        diff = (grads[key] - expected).abs().max().item()
+        assert diff <= 1e-5 * max(scale, 1e-3), (layout, key, diff, scale)
+
+
+# ---------------------------------------------------------------- routers
+ROUTER_FLAGS = {
+    "spectral": ["--moe-router-type", "spectral"],
+    "prototype": ["--moe-router-type", "prototype"],
+    "ermoe": ["--moe-router-type", "ermoe", "--moe-eigen-rank", "4", "--moe-eigen-threshold", "0.5"],
+    "emoe": ["--moe-router-type", "emoe", "--moe-eigen-rank", "4", "--moe-emoe-ortho-coeff", "1e-2"],
+}
+PENALTIES = ["--moe-router-spectral-penalty-coeff", "0.1", "--moe-router-stable-rank-coeff", "0.1"]

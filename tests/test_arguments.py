@@ -111,7 +111,8 @@ def test_config_file_errors(tmp_path):
      "--moe-router-topk 9 exceeds --num-experts 8"),
     (["pretrain", "--mock-data", "--vocab-size", "64", "--num-experts", "8", "--expert-model-parallel-size", "3"],
      "--expert-model-parallel-size 3"),
-    (["pretrain", "--vocab-size", "64", "--tokenizer-type", "NullTokenizer"], "--data-path (or --train-data-path) is required"),
+    (["pretrain", "--vocab-size", "64", "--tokenizer-type", "NullTokenizer"],
+     "--data-path (or --train-data-path) is required"),
     (["prepare-data", "--output-dir", "x", "--valid-fraction", "2"], "--valid-fraction must be in (0, 1)"),
 ])
 def test_cli_reports_one_line_errors(argv, message):

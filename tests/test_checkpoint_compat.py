@@ -1,6 +1,7 @@
 """Checkpoints written by other runs: added penalties restart their vectors; other changes are errors."""
 
 import pytest
+
 from helpers import MOCK, TINY_MODEL, pretrain, run_cli
 
 pytestmark = pytest.mark.compat

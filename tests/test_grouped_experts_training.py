@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MOCK, TINY_MODEL, pretrain, read_metrics, run_cli
-from test_losses_parallel import MODEL, _assert_same, probe
 
 from megatron_moe_reg.experts import backend_unavailable_reason
 from megatron_moe_reg.training.checkpointing import read_model_tensors
+
+from helpers import LOSS_MODEL as MODEL
+from helpers import MOCK, TINY_MODEL, assert_same, pretrain, probe, read_metrics, run_cli
 
 pytestmark = [pytest.mark.multiprocess,
               pytest.mark.skipif(backend_unavailable_reason("triton", torch.device("cpu")) is not None,
@@ -49,7 +50,7 @@ def test_backend_reproduces_sequential_mlp(case, sequential):
     out, ref_values, ref_grads = sequential
     nproc, flags = CASES[case]
     values, grads = probe(out / case, flags + ["--load", str(out / "init"), "--finetune"], nproc, WITH_LM)
-    _assert_same(values, grads, ref_values, ref_grads, case)
+    assert_same(values, grads, ref_values, ref_grads, case)
     expert_fc1 = [k for k in grads if ".experts.experts.linear_fc1" in k]
     assert expert_fc1 and all(grads[k].abs().sum() > 0 for k in expert_fc1)
 

@@ -2,25 +2,37 @@
 
 import dataclasses
 import functools
-import importlib
 
 import pytest
 import torch
+from packaging.version import Version
 
-from megatron_moe_reg.integration import compat, cpu_runtime
-
-
+from megatron_moe_reg.integration.megatron import compat, cpu_runtime, patches
 
 pytestmark = pytest.mark.compat
 
-def test_every_runtime_patch_is_documented_and_resolves():
+def test_every_patch_row_is_documented_and_finds_its_target():
+    """Every row of the one patch table that applies to this megatron-core finds its target, so no
+    row silently does nothing: megatron-core's and torch's always, Megatron-LM's ``megatron.training``
+    where this megatron-core ships it (0.19+ wheels)."""
     assert cpu_runtime.activate() is (not torch.cuda.is_available())
-    for patch in cpu_runtime.PATCHES:
-        assert patch.reason and patch.versions, patch.target
-        module_name, attr = patch.target.split(":")
-        owner = importlib.import_module(module_name)
-        for part in attr.split("."):
-            owner = getattr(owner, part)  # the patched attribute exists in this megatron-core
+    for patch in patches.PATCHES:
+        assert patch.reason and patch.versions and patch.scope in ("cpu", "megatron-lm", "compat"), patch.key
+        assert patch.kind in ("replace", "define", "mutate") and patch.source in patches.SOURCES, patch.key
+    sources = ["megatron-core"]
+    if patches.installed_version() >= Version("0.19"):
+        sources.append("megatron.training")
+    assert patches.unresolved_targets(sources=tuple(sources)) == []
+    assert patches.rows("cpu") and all(p.scope == "cpu" for p in patches.rows("cpu"))
+
+
+def test_a_row_whose_target_is_missing_is_found():
+    planted = (patches.Patch("planted", "torch.cuda:no_such_function", "0.16-0.19", "planted", "cpu"),
+               patches.Patch("planted-module", "no_such_module:x", "0.16-0.19", "planted", "cpu"),
+               patches.Patch("planted-define", "torch:zeros", "0.16-0.19", "planted", "cpu", kind="define"))
+    found = patches.unresolved_targets(table=planted)
+    assert [line.split(":")[0] for line in found] == ["planted", "planted-module", "planted-define"]
+    assert patches.unresolved_targets(Version("0.15.0"), table=planted) == []  # out of range: not checked
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU runtime is inactive with CUDA")
@@ -75,7 +87,7 @@ def _tiny_config(**overrides):
 def test_spec_swaps_router_and_experts_in_moe_layers_only():
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_moe_reg.integration.spec import gpt_block_spec
+    from megatron_moe_reg.integration.megatron.spec import gpt_block_spec
 
     class MarkedRouter(TopKRouter):
         pass
@@ -95,8 +107,8 @@ def test_spec_swaps_router_and_experts_in_moe_layers_only():
 def test_grouped_backend_swaps_sequential_mlp_keeping_its_submodules():
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    from megatron_moe_reg.integration.grouped_experts import GroupedGemmExperts
-    from megatron_moe_reg.integration.spec import gpt_block_spec
+    from megatron_moe_reg.experts.grouped_experts import GroupedGemmExperts
+    from megatron_moe_reg.integration.megatron.spec import gpt_block_spec
 
     def experts_of(spec):
         experts = compat.moe_submodules(spec.layer_specs[0].submodules.mlp).experts
@@ -139,8 +151,8 @@ def test_router_builder_accepts_every_versions_keywords():
 def test_sequence_parallel_norm_is_tagged_for_tp_reduction():
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    from megatron_moe_reg.integration.norms import SequenceParallelTorchNorm
-    from megatron_moe_reg.integration.spec import gpt_block_spec
+    from megatron_moe_reg.integration.megatron.norms import SequenceParallelTorchNorm
+    from megatron_moe_reg.integration.megatron.spec import gpt_block_spec
 
     cfg = _tiny_config(sequence_parallel=True, tensor_model_parallel_size=2)
     with pytest.raises(AssertionError):
@@ -162,5 +174,5 @@ def test_version_is_supported():
     compat.check_version()
     assert compat.SUPPORTED[0] <= compat.MCORE_VERSION < compat.SUPPORTED[1]
     assert dataclasses.is_dataclass(compat.moe_submodules(
-        __import__("megatron_moe_reg.integration.spec", fromlist=["x"]).gpt_block_spec(
+        __import__("megatron_moe_reg.integration.megatron.spec", fromlist=["x"]).gpt_block_spec(
             _tiny_config(), False, pp_rank=0).layer_specs[0].submodules.mlp))

@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_moe_reg.errors import ConfigError
-from megatron_moe_reg.integration.coupling import CouplingController
+from megatron_moe_reg.integration.regularizers.coupling import CouplingController
 from megatron_moe_reg.training.arguments import parse_args
 
 MOCK = ["--mock-data", "--vocab-size", "512"]

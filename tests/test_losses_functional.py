@@ -108,7 +108,8 @@ def test_coupling_gradcheck_reaches_both_layers():
     logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     for variant in ("product", "log"):
         assert torch.autograd.gradcheck(
-            lambda a, b: coupling_loss(torch.softmax(a, -1), torch.softmax(b, -1), 2, variant=variant),
+            lambda a, b, variant=variant: coupling_loss(torch.softmax(a, -1), torch.softmax(b, -1), 2,
+                                                        variant=variant),
             (logits_prev, logits))
     coupling_loss(torch.softmax(logits_prev, -1), torch.softmax(logits, -1), 2).backward()
     assert logits_prev.grad.abs().sum() > 0 and logits.grad.abs().sum() > 0

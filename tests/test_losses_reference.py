@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_moe_reg.integration.regularizers import StepPlan
 from megatron_moe_reg.losses import coupling_loss, routing_distribution, specialization_loss
-
 
 pytestmark = pytest.mark.compat
 
 LAMBDA_SP, LAMBDA_CP = 0.7, 0.3
+COEFFICIENTS = {"moe_specialization_loss_coeff": LAMBDA_SP, "moe_coupling_loss_coeff": LAMBDA_CP}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def ctx():
 def _batches(ctx):
     from megatron_moe_reg.training.data import make_loader
 
-    return [b for _, b in zip(range(ctx.cfg.num_microbatches), make_loader(ctx.datasets[0], ctx.cfg))]
+    return [b for _, b in zip(range(ctx.cfg.num_microbatches), make_loader(ctx.datasets[0], ctx.cfg), strict=False)]
 
 
 def _plugin_gradients(ctx, batches):
@@ -54,15 +55,14 @@ def _plugin_gradients(ctx, batches):
 
         return out, zero
 
-    regs = ctx.extras["regularizers"]
+    regs = ctx.regularizers
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
-    regs.begin_step(measure=True)
+    regs.begin_step(1, StepPlan(measure=True))
     get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=ctx.model,
                                 num_microbatches=len(batches), seq_length=ctx.cfg.model.seq_length,
                                 micro_batch_size=ctx.cfg.train.micro_batch_size, forward_only=False)
-    regs.end_step()
-    values = regs.report(1)
+    values = regs.finish_step(1)
     grads = {n: p.main_grad.clone() for n, p in ctx.gpt_model.named_parameters()
              if "router" in n or "linear_fc1" in n}
     return values, grads
@@ -78,11 +78,9 @@ def _reference(ctx, batches):
     model = ctx.gpt_model
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     cfg = model.config
-    regs = ctx.extras["regularizers"]
-    saved = [(p, p.coeff) for p in regs.probes] + [(regs.coupling, regs.coupling.coeff)]
-    for obj, _ in saved:
-        obj.coeff = 0.0
-    regs.begin_step(measure=False)
+    regs = ctx.regularizers
+    regs.set_coefficients({name: 0.0 for name in COEFFICIENTS})
+    regs.begin_step(1, StepPlan())
     params = {n: p for n, p in model.named_parameters() if "router" in n or "linear_fc1" in n}
     total = 0.0
     moe_numbers = [layer.layer_number for layer in layers]  # [1, 3, 4]: layer 2 is dense
@@ -93,12 +91,12 @@ def _reference(ctx, batches):
             captured = {}
             hooks = []
             for layer in layers:
-                def on_router(mod, args, output, layer=layer):
+                def on_router(mod, args, output, layer=layer, captured=captured):
                     captured[layer.layer_number] = {"x": args[0], "routing_map": output[1], "fc1": []}
 
                 hooks.append(layer.router.register_forward_hook(on_router))
-                for e, expert in enumerate(layer.experts.local_experts):
-                    def on_fc1(mod, args, output, layer=layer):
+                for expert in layer.experts.local_experts:
+                    def on_fc1(mod, args, output, layer=layer, captured=captured):
                         captured[layer.layer_number]["fc1"].append(output[0])
 
                     hooks.append(expert.linear_fc1.register_forward_hook(on_fc1))
@@ -131,10 +129,9 @@ def _reference(ctx, batches):
                 per_layer[f"coupling_loss_layer_{moe_numbers[i] - 1}"] += r_cp.item() / len(batches)
                 loss = loss + LAMBDA_CP * r_cp
             total = total + loss / len(batches)
-        grads = dict(zip(params, torch.autograd.grad(total, list(params.values()), allow_unused=True)))
+        grads = dict(zip(params, torch.autograd.grad(total, list(params.values()), allow_unused=True), strict=False))
     finally:
-        for obj, coeff in saved:
-            obj.coeff = coeff
+        regs.set_coefficients(COEFFICIENTS)
     return per_layer, grads
 
 
@@ -152,15 +149,12 @@ def test_values_and_gradients_equal_the_hand_computed_reference(ctx):
 
 
 def test_losses_off_are_still_measured_without_gradient(ctx):
-    regs = ctx.extras["regularizers"]
-    saved = [(p, p.coeff) for p in regs.probes] + [(regs.coupling, regs.coupling.coeff)]
-    for obj, _ in saved:
-        obj.coeff = 0.0
+    regs = ctx.regularizers
+    regs.set_coefficients({name: 0.0 for name in COEFFICIENTS})
     try:
         values, grads = _plugin_gradients(ctx, _batches(ctx))
     finally:
-        for obj, coeff in saved:
-            obj.coeff = coeff
+        regs.set_coefficients(COEFFICIENTS)
     assert values["specialization_loss"] > 0 and values["coupling_loss"] < 0
     assert all(g.abs().sum() == 0 for g in grads.values())  # measured, not trained
 
@@ -169,11 +163,11 @@ def test_padding_tokens_are_left_out(ctx):
     """An MoE layer called with a padding mask: R_sp over the non-padded tokens only."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_moe_reg.integration.tracker import get_tracker
+    from megatron_moe_reg.integration.megatron.tracker import get_tracker
 
     layer = next(m for m in ctx.gpt_model.modules() if isinstance(m, MoELayer))
-    regs = ctx.extras["regularizers"]
-    regs.begin_step(measure=True)
+    regs = ctx.regularizers
+    regs.begin_step(1, StepPlan(measure=True))
     get_tracker().clear()
     fc1_rows = []
     hooks = [e.linear_fc1.register_forward_hook(lambda m, a, o: fc1_rows.append(o[0]))
@@ -195,7 +189,7 @@ def test_padding_tokens_are_left_out(ctx):
         slot[tokens] += 1
     keep = ~padding.transpose(0, 1).reshape(-1)
     got = get_tracker().report(["specialization_loss"], layer.config.num_layers, 1)
-    regs.begin_step(measure=False)
+    regs.begin_step(1, StepPlan())
     assert keep.sum() == 9
     assert got["specialization_loss"] == pytest.approx(specialization_loss(z, keep).item(), rel=1e-5)
     assert got["specialization_loss"] != pytest.approx(specialization_loss(z).item(), rel=1e-3)

@@ -4,13 +4,15 @@ wrapper's schedule. (The entry itself needs Megatron-LM and CUDA; see the README
 
 import argparse
 import dataclasses
+import sys
 import types
 
 import pytest
 
 from megatron_moe_reg.errors import ConfigError
-from megatron_moe_reg.integration import compat
-from megatron_moe_reg.integration.megatron_lm import MegatronLMPlugin, add_plugin_args, plugin_config, replaced
+from megatron_moe_reg.integration.install import StepPolicy
+from megatron_moe_reg.integration.megatron import compat, patches
+from megatron_moe_reg.integration.megatron_lm import MegatronLMPlugin, add_plugin_args, plugin_config
 from megatron_moe_reg.training.arguments import parse_args
 
 MOCK = ["--mock-data", "--vocab-size", "512"]
@@ -41,24 +43,24 @@ def test_plugin_flags_are_read_and_validated_against_megatron_lm_options():
 
 
 @pytest.mark.compat
-def test_block_spec_function_swaps_router_and_experts(groups):
+def test_block_spec_function_swaps_router_and_experts(groups, monkeypatch):
+    import torch
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
-    import torch
 
-    from megatron_moe_reg.integration.grouped_experts import GroupedGemmExperts
+    from megatron_moe_reg.experts.grouped_experts import GroupedGemmExperts
     from megatron_moe_reg.routers import ROUTERS
 
     ns = megatron_lm_namespace([], ["--moe-router-type", "ermoe", "--moe-grouped-gemm-backend", "triton"])
     state = MegatronLMPlugin(lambda: ns)
     builders = types.ModuleType("gpt_builders")
     builders.get_gpt_decoder_block_spec = get_gpt_decoder_block_spec
+    monkeypatch.setitem(sys.modules, "gpt_builders", builders)  # a checkout's module, for the patch row
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_moe_experts=4,
                                moe_ffn_hidden_size=32, moe_router_topk=2, gated_linear_unit=True,
                                activation_func=torch.nn.functional.silu, add_bias_linear=False,
                                use_cpu_initialization=True, bias_activation_fusion=False)
-    with replaced(builders, "get_gpt_decoder_block_spec",
-                  state.block_spec_function(builders.get_gpt_decoder_block_spec)):
+    with patches.replaced("megatron-lm.block-spec", state.block_spec_function):
         spec = builders.get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                                    normalization="RMSNorm", vp_stage=None)
     assert builders.get_gpt_decoder_block_spec is get_gpt_decoder_block_spec  # restored
@@ -69,26 +71,27 @@ def test_block_spec_function_swaps_router_and_experts(groups):
 
 
 class RecordingRegularizers:
-    """Stands in for ``install.Regularizers``: records the calls the wrapper makes."""
+    """Stands in for ``install.Regularizers``: records the calls the wrapper makes; its plans come
+    from the real step policy."""
 
-    def __init__(self):
+    def __init__(self, policy: StepPolicy):
+        self.policy = policy
         self.calls = []
 
-    def begin_step(self, measure, expensive=False):
-        self.calls.append(("begin", measure, expensive))
+    def begin_step(self, step, plan=None):
+        plan = self.policy.plan(step)
+        self.calls.append(("begin", plan.measure, plan.expensive))
+        return plan
 
-    def end_step(self):
-        self.calls.append(("end",))
-
-    def report(self, iteration, writer=None):
-        self.calls.append(("report", iteration, writer))
+    def finish_step(self, step, writer=None):
+        self.calls.append(("report", step, writer))
         return {"specialization_loss": 0.5, "specialization_loss_layer_1": 0.5} if writer else {}
 
 
 def test_train_step_wrapper_measures_at_log_steps_and_reports():
     ns = megatron_lm_namespace(["--log-interval", "2"], ["--moe-metrics-interval", "4"])
     state = MegatronLMPlugin(lambda: ns)
-    state.regularizers = regs = RecordingRegularizers()
+    state.regularizers = regs = RecordingRegularizers(StepPolicy(log_interval=2, metrics_interval=4))
     lines, steps = [], []
     wrapped = state.train_step_function(lambda *a, **k: steps.append(k.get("iteration")) or "out",
                                         writer=lambda: "writer", log=lines.append)
@@ -103,6 +106,6 @@ def test_train_step_wrapper_measures_at_log_steps_and_reports():
     # versions whose train_step gets no iteration: counted from Megatron-LM's args.iteration
     ns.iteration = 10
     fresh = MegatronLMPlugin(lambda: ns)
-    fresh.regularizers = RecordingRegularizers()
+    fresh.regularizers = RecordingRegularizers(StepPolicy(log_interval=2, metrics_interval=4))
     fresh.train_step_function(lambda *a, **k: None, writer=lambda: "w", log=lines.append)()
     assert fresh.regularizers.calls[0] == ("begin", False, False) and fresh.iteration == 11

@@ -39,7 +39,8 @@ def test_load_statistics_by_hand():
     p = torch.tensor([0.5, 1 / 6, 1 / 3], dtype=torch.float64)
     assert stats["load_entropy"] == pytest.approx(float(-(p * p.log()).sum()) / math.log(4))
     uniform = metrics.load_statistics(torch.full((4,), 7.0))
-    assert uniform["load_cv"] == 0 and uniform["load_max_violation"] == 0 and uniform["load_entropy"] == pytest.approx(1)
+    assert uniform["load_cv"] == 0 and uniform["load_max_violation"] == 0
+    assert uniform["load_entropy"] == pytest.approx(1)
     collapsed = metrics.load_statistics(torch.tensor([0.0, 0.0, 12.0, 0.0]))
     assert collapsed["dead_experts"] == 3 and collapsed["load_entropy"] == 0
     assert collapsed["load_max_violation"] == pytest.approx(3.0)  # 12 / 3 - 1

@@ -3,8 +3,10 @@ under EP (both dispatchers), TP+SP with expert-tensor parallelism and per-token 
 equal the single process. With fc2 chosen, the fc2 gradients come from this loss alone."""
 
 import pytest
-from helpers import pretrain
-from test_losses_parallel import LAYOUTS, MODEL, _assert_same, probe
+
+from helpers import LOSS_LAYOUTS as LAYOUTS
+from helpers import LOSS_MODEL as MODEL
+from helpers import assert_same, pretrain, probe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -44,4 +46,4 @@ def test_orthogonality_is_layout_invariant(kind, layout, setup):
     nproc, flags = LAYOUTS[layout]
     values, grads = probe(out / f"{kind}-{layout}", flags + ORTH[kind] + ["--load", str(out / "init"), "--finetune"],
                           nproc)
-    _assert_same(values, grads, *refs[kind], f"{kind}-{layout}")
+    assert_same(values, grads, *refs[kind], f"{kind}-{layout}")

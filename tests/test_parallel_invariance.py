@@ -6,9 +6,10 @@ reduced), Megatron's load-balancing and z-losses, and the final weights.
 """
 
 import pytest
-from helpers import pretrain
 
 from megatron_moe_reg.training.checkpointing import read_model_tensors
+
+from helpers import pretrain
 
 pytestmark = pytest.mark.multiprocess
 
@@ -62,7 +63,7 @@ def test_layout_reproduces_single_process(layout, workdir, reference):
                                                       "--save", str(workdir / layout)], nproc=nproc)
     ref_rows, ref_weights = reference
     assert len(rows) == len(ref_rows) == 4
-    for ref, got in zip(ref_rows, rows):
+    for ref, got in zip(ref_rows, rows, strict=False):
         for key in COMPARED:
             assert got[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-7), (layout, key, ref, got)
     _assert_same_weights(ref_weights, read_model_tensors(str(workdir / layout)), atol=2e-5)
@@ -81,7 +82,7 @@ def test_micro_batches_reproduce_one_large_batch(workdir, reference):
     no_aux = pretrain(workdir, "mbs4-no-aux", STEPS + ["--load", str(workdir / "init"), "--finetune",
                                                        "--save", str(workdir / "mbs4-no-aux"),
                                                        "--moe-aux-loss-coeff", "0"])
-    for a, b in zip(no_aux, rows):
+    for a, b in zip(no_aux, rows, strict=False):
         for key in ("lm loss", "grad norm", "z_loss"):
             assert b[key] == pytest.approx(a[key], rel=2e-5), (key, a, b)
     _assert_same_weights(read_model_tensors(str(workdir / "mbs4-no-aux")),

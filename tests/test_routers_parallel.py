@@ -3,19 +3,12 @@ gradients under EP (alltoall), TP+SP and PP as in one process, LM loss included;
 through checkpoints and reshards across EP sizes."""
 
 import pytest
-from helpers import TINY_MODEL, pretrain, without
-from test_losses_parallel import _assert_same, probe
+
+from helpers import PENALTIES, ROUTER_FLAGS, TINY_MODEL, assert_same, pretrain, probe, without
 
 pytestmark = pytest.mark.multiprocess
 
 MODEL = without(TINY_MODEL, "--num-layers") + ["--num-layers", "4", "--moe-aux-loss-coeff", "1e-2"]
-ROUTER_FLAGS = {
-    "spectral": ["--moe-router-type", "spectral"],
-    "prototype": ["--moe-router-type", "prototype"],
-    "ermoe": ["--moe-router-type", "ermoe", "--moe-eigen-rank", "4", "--moe-eigen-threshold", "0.5"],
-    "emoe": ["--moe-router-type", "emoe", "--moe-eigen-rank", "4", "--moe-emoe-ortho-coeff", "1e-2"],
-}
-PENALTIES = ["--moe-router-spectral-penalty-coeff", "0.1", "--moe-router-stable-rank-coeff", "0.1"]
 LAYOUTS = {
     "ep2-alltoall": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
     "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
@@ -53,6 +46,6 @@ def test_router_is_layout_invariant(name, layout, references):
                           nproc, ["--lm-loss-scale", "1.0"] + model)
     ref_values, ref_grads = refs[name]
     assert {"router_sigma_max", "router_stable_rank"} <= values.keys()
-    _assert_same(values, grads, ref_values, ref_grads, f"{name}-{layout}")
+    assert_same(values, grads, ref_values, ref_grads, f"{name}-{layout}")
     router = [k for k in ref_grads if ".router." in k]
     assert router and all(ref_grads[k].abs().sum() > 0 for k in router)  # every router tensor learns

@@ -3,9 +3,8 @@
 import math
 
 import pytest
+
 from helpers import MOCK, TINY_MODEL, data_flags, pretrain, read_validation, run_cli, without
-
-
 
 pytestmark = pytest.mark.compat
 
@@ -49,7 +48,7 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert [r["iteration"] for r in first] == [1, 2, 3]
     assert [r["iteration"] for r in resumed] == [4, 5, 6]
     assert [r["iteration"] for r in from_step_2] == [3, 4, 5, 6]
-    for a, b in list(zip(straight, first + resumed)) + list(zip(straight[2:], from_step_2)):
+    for a, b in list(zip(straight, first + resumed, strict=False)) + list(zip(straight[2:], from_step_2, strict=False)):
         for key in ("lm loss", "grad norm", "load_balancing_loss", "z_loss", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "3"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from megatron_moe_reg.errors import ConfigError
-from megatron_moe_reg.training.flags import OneLineErrorParser
+from megatron_moe_reg.flags import OneLineErrorParser
 
 
 def _parse_experts(items: list[str]) -> list[tuple[int, int]]:
@@ -35,15 +35,16 @@ def _parse_experts(items: list[str]) -> list[tuple[int, int]]:
             layer, expert = item.split(":")
             out.append((int(layer), int(expert)))
         except ValueError:
-            raise ConfigError(f"--experts {item}: expected LAYER:EXPERT (layer number as in the logs, "
-                              "1-based; expert index 0-based)") from None
+            raise ConfigError(
+                f"--experts {item}: expected LAYER:EXPERT (layer number as in the logs, 1-based; expert index 0-based)"
+            ) from None
     return out
 
 
 def _top_experts(model, data, per_layer: int, micro_batch_size: int) -> list[tuple[int, int]]:
     """Per MoE layer, the ``per_layer`` experts that take most of ``data``'s top-1 routing."""
     from megatron_moe_reg.analysis.evaluate import LayerCapture, lm_metrics
-    from megatron_moe_reg.integration.install import moe_layers
+    from megatron_moe_reg.integration.megatron.modules import moe_layers
 
     captures = [LayerCapture(layer) for layer in moe_layers(model)]
     lm_metrics(model, data, micro_batch_size)
@@ -56,12 +57,16 @@ def _top_experts(model, data, per_layer: int, micro_batch_size: int) -> list[tup
 
 
 def main(argv: list[str]) -> int:
-    p = OneLineErrorParser(prog="moe-reg adapt", description="Fine-tune chosen experts on a held-out domain "
-                           "and measure interference on the other domains (SR-MoE's test).")
+    p = OneLineErrorParser(
+        prog="moe-reg adapt",
+        description="Fine-tune chosen experts on a held-out domain "
+        "and measure interference on the other domains (SR-MoE's test).",
+    )
     p.add_argument("--load", required=True, help="checkpoint directory")
     p.add_argument("--domain", required=True, help="the held-out domain to adapt to (a name in PREFIX.domains.json)")
-    p.add_argument("--data-path", nargs="+", help="dataset prefixes with domains (default: the checkpoint's "
-                   "validation data)")
+    p.add_argument(
+        "--data-path", nargs="+", help="dataset prefixes with domains (default: the checkpoint's validation data)"
+    )
     p.add_argument("--experts", nargs="+", help="LAYER:EXPERT pairs to fine-tune instead of the most used ones")
     p.add_argument("--experts-per-layer", type=int, default=1)
     p.add_argument("--train-iters", type=int, default=50)
@@ -80,15 +85,19 @@ def main(argv: list[str]) -> int:
         from megatron_moe_reg.training.checkpointing import latest_iteration
 
         if Path(a.save).resolve() == Path(a.load).resolve() or latest_iteration(a.save) is not None:
-            raise ConfigError(f"--save {a.save} already holds a checkpoint; give a new directory "
-                              "(existing checkpoints are never overwritten)")
+            raise ConfigError(
+                f"--save {a.save} already holds a checkpoint; give a new directory "
+                "(existing checkpoints are never overwritten)"
+            )
     result = adapt(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapt.json").write_text(json.dumps(result, indent=1))
-    print(f"interference (original domains): loss {result['interference']['lm_loss']:+.4f}, "
-          f"accuracy {result['interference']['token_accuracy']:+.4f} | gain on {a.domain}: "
-          f"loss {result['gain']['lm_loss']:+.4f} | {out / 'adapt.json'}")
+    print(
+        f"interference (original domains): loss {result['interference']['lm_loss']:+.4f}, "
+        f"accuracy {result['interference']['token_accuracy']:+.4f} | gain on {a.domain}: "
+        f"loss {result['gain']['lm_loss']:+.4f} | {out / 'adapt.json'}"
+    )
     return 0
 
 
@@ -97,8 +106,8 @@ def adapt(a) -> dict:
 
     from megatron_moe_reg.analysis.evaluate import default_prefixes, lm_metrics, load_single_process
     from megatron_moe_reg.analysis.tokens import read_documents, sequences
-    from megatron_moe_reg.integration.expert_weights import WEIGHT_KINDS, local_expert_weights
-    from megatron_moe_reg.integration.install import moe_layers
+    from megatron_moe_reg.integration.megatron.expert_weights import WEIGHT_KINDS, local_expert_weights
+    from megatron_moe_reg.integration.megatron.modules import moe_layers
     from megatron_moe_reg.training import checkpointing
     from megatron_moe_reg.training.distributed import teardown
 
@@ -108,8 +117,10 @@ def adapt(a) -> dict:
         raise ConfigError("--data-path: the checkpoint was trained on --mock-data; give dataset prefixes with domains")
     docs, names = read_documents(prefixes, 1 << 62, chunk=1 << 62)  # whole documents
     if a.domain not in names:
-        raise ConfigError(f"--domain {a.domain}: not among the data's domains ({', '.join(sorted(set(names))[:20])}"
-                          f"{' ...' if len(set(names)) > 20 else ''})")
+        raise ConfigError(
+            f"--domain {a.domain}: not among the data's domains ({', '.join(sorted(set(names))[:20])}"
+            f"{' ...' if len(set(names)) > 20 else ''})"
+        )
     target = {i for i, n in enumerate(names) if n == a.domain}
     new_docs = [d for d in docs if d[1] in target]
     seq = cfg.model.seq_length
@@ -119,15 +130,22 @@ def adapt(a) -> dict:
 
     model = ctx.gpt_model
     by_number = {layer.layer_number: layer for layer in moe_layers(model)}
-    chosen = _parse_experts(a.experts) if a.experts else \
-        _top_experts(model, train_data, a.experts_per_layer, a.micro_batch_size)
+    chosen = (
+        _parse_experts(a.experts)
+        if a.experts
+        else _top_experts(model, train_data, a.experts_per_layer, a.micro_batch_size)
+    )
     for layer_number, expert in chosen:
         if layer_number not in by_number or not 0 <= expert < cfg.moe.num_experts:
-            raise ConfigError(f"--experts {layer_number}:{expert}: MoE layers are {sorted(by_number)}, "
-                              f"experts 0..{cfg.moe.num_experts - 1}")
+            raise ConfigError(
+                f"--experts {layer_number}:{expert}: MoE layers are {sorted(by_number)}, "
+                f"experts 0..{cfg.moe.num_experts - 1}"
+            )
     params = [local_expert_weights(by_number[n].experts, kind)[e] for n, e in chosen for kind in WEIGHT_KINDS]
-    before = {"original": lm_metrics(model, original, a.micro_batch_size),
-              "new": lm_metrics(model, new_eval, a.micro_batch_size)}
+    before = {
+        "original": lm_metrics(model, original, a.micro_batch_size),
+        "new": lm_metrics(model, new_eval, a.micro_batch_size),
+    }
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -156,8 +174,10 @@ def adapt(a) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    after = {"original": lm_metrics(model, original, a.micro_batch_size),
-             "new": lm_metrics(model, new_eval, a.micro_batch_size)}
+    after = {
+        "original": lm_metrics(model, original, a.micro_batch_size),
+        "new": lm_metrics(model, new_eval, a.micro_batch_size),
+    }
     if a.save:
         ctx.cfg.ckpt.save = a.save
         for key, value in saved["data"].items():  # the data the model was trained on, not the analysis's
@@ -165,9 +185,18 @@ def adapt(a) -> dict:
         checkpointing.save_checkpoint(ctx, 0, 0)
     teardown()
     return {
-        "checkpoint": a.load, "domain": a.domain, "experts": chosen, "train_iters": a.train_iters, "lr": a.lr,
-        "seed": a.seed, "train_losses": losses, "before": before, "after": after,
+        "checkpoint": a.load,
+        "domain": a.domain,
+        "experts": chosen,
+        "train_iters": a.train_iters,
+        "lr": a.lr,
+        "seed": a.seed,
+        "train_losses": losses,
+        "before": before,
+        "after": after,
         "interference": {k: after["original"][k] - before["original"][k] for k in ("lm_loss", "token_accuracy")},
-        "gain": {"lm_loss": before["new"]["lm_loss"] - after["new"]["lm_loss"],
-                 "token_accuracy": after["new"]["token_accuracy"] - before["new"]["token_accuracy"]},
+        "gain": {
+            "lm_loss": before["new"]["lm_loss"] - after["new"]["lm_loss"],
+            "token_accuracy": after["new"]["token_accuracy"] - before["new"]["token_accuracy"],
+        },
     }

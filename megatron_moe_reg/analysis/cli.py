@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from megatron_moe_reg.errors import ConfigError
-from megatron_moe_reg.training.flags import OneLineErrorParser
+from megatron_moe_reg.flags import OneLineErrorParser
 
 
 def _names(loads: list[str], labels: list[str] | None) -> list[str]:
@@ -34,8 +34,12 @@ def main(argv: list[str]) -> int:
     p = OneLineErrorParser(prog="moe-reg analyze", description="Routing analysis report of checkpoints.")
     p.add_argument("--load", action="append", required=True, help="checkpoint directory (repeat to compare)")
     p.add_argument("--label", action="append", help="name of each checkpoint in the report")
-    p.add_argument("--data-path", nargs="+", help="validation dataset prefixes (default: the first checkpoint's "
-                   "--valid-data-path, else its --data-path; random tokens for --mock-data checkpoints)")
+    p.add_argument(
+        "--data-path",
+        nargs="+",
+        help="validation dataset prefixes (default: the first checkpoint's "
+        "--valid-data-path, else its --data-path; random tokens for --mock-data checkpoints)",
+    )
     p.add_argument("--num-tokens", type=int, default=8192, help="validation tokens to evaluate")
     p.add_argument("--sample-tokens", type=int, default=256, help="tokens on which every expert is run (PES, MSO)")
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -50,15 +54,30 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     data = a.data_path
-    for name, load in zip(_names(a.load, a.label), a.load):
+    for name, load in zip(_names(a.load, a.label), a.load, strict=False):
         target = out / f"{name}.eval.json"
-        cmd = [sys.executable, "-m", "megatron_moe_reg.analysis.evaluate", "--load", load, "--out", str(target),
-               "--num-tokens", str(a.num_tokens), "--sample-tokens", str(a.sample_tokens),
-               "--micro-batch-size", str(a.micro_batch_size)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "megatron_moe_reg.analysis.evaluate",
+            "--load",
+            load,
+            "--out",
+            str(target),
+            "--num-tokens",
+            str(a.num_tokens),
+            "--sample-tokens",
+            str(a.sample_tokens),
+            "--micro-batch-size",
+            str(a.micro_batch_size),
+        ]
         if data:
             cmd += ["--data-path", *data]
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
         print(f"evaluating {load} ...", flush=True)
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:

@@ -39,21 +39,48 @@ def config_from_checkpoint(load: str):
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved = common.get("moe_reg_config")
     if not saved:
-        raise ConfigError(f"--load {load}: the checkpoint has no moe-reg run configuration "
-                          "(it was not written by 'moe-reg pretrain')")
+        raise ConfigError(
+            f"--load {load}: the checkpoint has no moe-reg run configuration (it was not written by 'moe-reg pretrain')"
+        )
     values = {k: v for group in saved.values() for k, v in group.items()}
     values.update(
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
-        expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
-        use_distributed_optimizer=False, recompute_granularity=None, recompute_method=None,
-        recompute_num_layers=None, recompute_modules=None, bf16=False, fp16=False,
-        train_iters=0, global_batch_size=None, lr_decay_iters=1, lr_warmup_iters=0, eval_iters=0,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None,
+        context_parallel_size=1,
+        sequence_parallel=False,
+        use_distributed_optimizer=False,
+        recompute_granularity=None,
+        recompute_method=None,
+        recompute_num_layers=None,
+        recompute_modules=None,
+        bf16=False,
+        fp16=False,
+        train_iters=0,
+        global_batch_size=None,
+        lr_decay_iters=1,
+        lr_warmup_iters=0,
+        eval_iters=0,
         eval_interval=None,
-        load=str(path.parent), ckpt_step=int(common["iteration"]), save=None, save_interval=None,
-        finetune=True, no_load_optim=True,
-        tensorboard_dir=None, log_file=None, progress_bar=False, mock_data=True,
-        data_path=None, train_data_path=None, valid_data_path=None, test_data_path=None,
-        moe_reg_measure=False, moe_grouped_gemm=False, moe_grouped_gemm_backend="sequential")
+        load=str(path.parent),
+        ckpt_step=int(common["iteration"]),
+        save=None,
+        save_interval=None,
+        finetune=True,
+        no_load_optim=True,
+        tensorboard_dir=None,
+        log_file=None,
+        progress_bar=False,
+        mock_data=True,
+        data_path=None,
+        train_data_path=None,
+        valid_data_path=None,
+        test_data_path=None,
+        moe_reg_measure=False,
+        moe_grouped_gemm=False,
+        moe_grouped_gemm_backend="sequential",
+    )
     cfg = arguments.run_config_from_values(values, world_size=1)
     arguments.finalize(cfg)
     return cfg, saved
@@ -71,8 +98,11 @@ def load_single_process(load: str):
 
 def default_prefixes(data_path: list[str] | None, saved: dict) -> list[str]:
     """``--data-path`` if given, else the checkpoint's validation data, else its training data."""
-    return _prefixes(data_path) or _prefixes(saved["data"].get("valid_data_path")) \
+    return (
+        _prefixes(data_path)
+        or _prefixes(saved["data"].get("valid_data_path"))
         or _prefixes(saved["data"].get("data_path"))
+    )
 
 
 def _prefixes(entries: list[str] | None) -> list[str]:
@@ -129,11 +159,12 @@ def lm_metrics(model, data, micro_batch_size: int) -> dict[str, float]:
     device = next(model.parameters()).device
     loss, correct, count = 0.0, 0, 0
     for start in range(0, data.tokens.shape[0], micro_batch_size):
-        tokens = data.tokens[start:start + micro_batch_size].to(device)
-        labels = data.labels[start:start + micro_batch_size].to(device)
+        tokens = data.tokens[start : start + micro_batch_size].to(device)
+        labels = data.labels[start : start + micro_batch_size].to(device)
         logits = model(tokens, torch.arange(tokens.shape[1], device=device).expand_as(tokens), None).float()
-        loss += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                        reduction="sum"))
+        loss += float(
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+        )
         correct += int((logits.argmax(-1) == labels).sum())
         count += labels.numel()
     return {"lm_loss": loss / count, "token_accuracy": correct / count, "tokens": count}
@@ -146,7 +177,7 @@ def moe_token_order(values_BS: torch.Tensor, micro_batch_size: int) -> torch.Ten
 
 def _routed_z(layer, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
     """z_TKF: each token's routed experts' SwiGLU intermediates (experts in ascending order)."""
-    from megatron_moe_reg.integration.specialization import _fc1_modules, glu_intermediate
+    from megatron_moe_reg.integration.regularizers.specialization import _fc1_modules, glu_intermediate
 
     rows: list[torch.Tensor] = []
 
@@ -159,8 +190,9 @@ def _routed_z(layer, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor
         token_ids = [torch.nonzero(routing_map[:, e]).flatten() for e in range(routing_map.shape[1])]
         order = torch.cat(token_ids)
         counts = torch.tensor([len(t) for t in token_ids])
-        layer.experts(x[order].to(next(layer.experts.parameters()).dtype), counts,
-                      torch.ones(len(order), dtype=torch.float32))
+        layer.experts(
+            x[order].to(next(layer.experts.parameters()).dtype), counts, torch.ones(len(order), dtype=torch.float32)
+        )
     finally:
         for h in handles:
             h.remove()
@@ -177,24 +209,27 @@ def _router_matrix(router) -> torch.Tensor:
     return router.penalty_matrix() if hasattr(router, "penalty_matrix") else router.weight
 
 
-def evaluate(load: str, data_path: list[str] | None, num_tokens: int, sample_tokens: int,
-             micro_batch_size: int) -> dict:
+def evaluate(
+    load: str, data_path: list[str] | None, num_tokens: int, sample_tokens: int, micro_batch_size: int
+) -> dict:
     ctx, cfg, saved = load_single_process(load)
     with torch.no_grad():
         return _measure(ctx, cfg, saved, load, data_path, num_tokens, sample_tokens, micro_batch_size)
 
 
-def _measure(ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sample_tokens: int,
-             micro_batch_size: int) -> dict:
+def _measure(
+    ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sample_tokens: int, micro_batch_size: int
+) -> dict:
     from megatron_moe_reg.analysis.tokens import random_tokens, read_tokens
-    from megatron_moe_reg.integration.expert_weights import local_expert_outputs, local_expert_weights
-    from megatron_moe_reg.integration.install import moe_layers
+    from megatron_moe_reg.integration.megatron.expert_weights import local_expert_outputs, local_expert_weights
+    from megatron_moe_reg.integration.megatron.modules import moe_layers
 
     model = ctx.gpt_model
     seq = cfg.model.seq_length
     prefixes = default_prefixes(data_path, saved)
-    data = read_tokens(prefixes, num_tokens, seq) if prefixes else \
-        random_tokens(num_tokens, seq, ctx.tokenizer.vocab_size)
+    data = (
+        read_tokens(prefixes, num_tokens, seq) if prefixes else random_tokens(num_tokens, seq, ctx.tokenizer.vocab_size)
+    )
     layers = moe_layers(model)
     if not layers:
         raise ConfigError(f"--load {load}: the model has no MoE layers")
@@ -203,16 +238,23 @@ def _measure(ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sampl
     domain = moe_token_order(data.domains, micro_batch_size)
     num_domains = len(data.domain_names)
     result: dict = {
-        "checkpoint": str(load), "iteration": cfg.ckpt.ckpt_step,
-        "router_type": cfg.plugin.moe_router_type, "num_experts": cfg.moe.num_experts,
-        "topk": cfg.moe.moe_router_topk, "num_tokens": lm["tokens"], "sample_tokens": 0,
-        "lm_loss": lm["lm_loss"], "perplexity": math.exp(min(lm["lm_loss"], 50.0)),
-        "token_accuracy": lm["token_accuracy"], "domain_names": data.domain_names, "layers": [],
+        "checkpoint": str(load),
+        "iteration": cfg.ckpt.ckpt_step,
+        "router_type": cfg.plugin.moe_router_type,
+        "num_experts": cfg.moe.num_experts,
+        "topk": cfg.moe.moe_router_topk,
+        "num_tokens": lm["tokens"],
+        "sample_tokens": 0,
+        "lm_loss": lm["lm_loss"],
+        "perplexity": math.exp(min(lm["lm_loss"], 50.0)),
+        "token_accuracy": lm["token_accuracy"],
+        "domain_names": data.domain_names,
+        "layers": [],
         "data_path": prefixes or None,
     }
     top1 = []
     score_function = cfg.moe.moe_router_score_function
-    for layer, cap in zip(layers, captures):
+    for layer, cap in zip(layers, captures, strict=False):
         x = torch.cat(cap.inputs)
         routing_map = cap.routing_map()
         logits = torch.cat(cap.logits)
@@ -241,13 +283,15 @@ def _measure(ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sampl
     result["transitions"] = []
     for i in range(len(layers) - 1):
         joint = metrics.joint_counts(top1[i], top1[i + 1], cfg.moe.num_experts, cfg.moe.num_experts)
-        result["transitions"].append({
-            "from_layer": layers[i].layer_number, "to_layer": layers[i + 1].layer_number,
-            "mutual_information": metrics.pathway_mutual_information(top1[i], top1[i + 1], cfg.moe.num_experts),
-            "conditional_entropy": metrics.pathway_conditional_entropy(top1[i], top1[i + 1],
-                                                                       cfg.moe.num_experts),
-            "counts": joint.tolist(),
-        })
+        result["transitions"].append(
+            {
+                "from_layer": layers[i].layer_number,
+                "to_layer": layers[i + 1].layer_number,
+                "mutual_information": metrics.pathway_mutual_information(top1[i], top1[i + 1], cfg.moe.num_experts),
+                "conditional_entropy": metrics.pathway_conditional_entropy(top1[i], top1[i + 1], cfg.moe.num_experts),
+                "counts": joint.tolist(),
+            }
+        )
     result["top10_pathway_share"] = metrics.top_pathway_share(torch.stack(top1), top=10)
     return result
 
@@ -270,7 +314,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_moe_reg.cli import quiet_third_party_warnings, run_guarded
+    from megatron_moe_reg.errors import quiet_third_party_warnings, run_guarded
 
     quiet_third_party_warnings()
     sys.exit(run_guarded(main, sys.argv[1:]))

@@ -12,8 +12,16 @@ import html
 import json
 from pathlib import Path
 
-PER_LAYER = ("routing_entropy", "coactivation_overlap", "pes", "activation_mso", "weight_mso_fc1",
-             "load_max_violation", "load_cv", "expert_domain_nmi")
+PER_LAYER = (
+    "routing_entropy",
+    "coactivation_overlap",
+    "pes",
+    "activation_mso",
+    "weight_mso_fc1",
+    "load_max_violation",
+    "load_cv",
+    "expert_domain_nmi",
+)
 SUMMARY = ("lm_loss", "perplexity", "token_accuracy", "top10_pathway_share")
 MAX_DOMAINS = 16
 
@@ -31,8 +39,13 @@ def summary(result: dict) -> dict[str, float]:
     """Checkpoint-level numbers: the summary values and the mean over MoE layers of each metric."""
     out = {k: result[k] for k in SUMMARY}
     layers = result["layers"]
-    for key in PER_LAYER + ("router_sigma_max", "router_stable_rank", "router_row_orthogonality_error",
-                            "weight_mso_fc2", "dead_experts"):
+    for key in PER_LAYER + (
+        "router_sigma_max",
+        "router_stable_rank",
+        "router_row_orthogonality_error",
+        "weight_mso_fc2",
+        "dead_experts",
+    ):
         out[key] = sum(layer[key] for layer in layers) / len(layers)
     transitions = result["transitions"]
     if transitions:
@@ -64,13 +77,25 @@ def _normalize_rows(counts):
 def checkpoint_plots(plt, result: dict, name: str, out: Path) -> list[str]:
     layers = result["layers"]
     files = [f"{name}_load.png"]
-    _heatmap(plt, [layer["load_share"] for layer in layers], f"{name}: load share", "expert", "MoE layer",
-             out / files[0], yticks=[str(layer["layer_number"]) for layer in layers])
+    _heatmap(
+        plt,
+        [layer["load_share"] for layer in layers],
+        f"{name}: load share",
+        "expert",
+        "MoE layer",
+        out / files[0],
+        yticks=[str(layer["layer_number"]) for layer in layers],
+    )
     for t in result["transitions"]:
         file = f"{name}_transition_{t['from_layer']}_{t['to_layer']}.png"
-        _heatmap(plt, _normalize_rows(t["counts"]),
-                 f"{name}: P(top-1 at layer {t['to_layer']} | layer {t['from_layer']})",
-                 f"expert at layer {t['to_layer']}", f"expert at layer {t['from_layer']}", out / file)
+        _heatmap(
+            plt,
+            _normalize_rows(t["counts"]),
+            f"{name}: P(top-1 at layer {t['to_layer']} | layer {t['from_layer']})",
+            f"expert at layer {t['to_layer']}",
+            f"expert at layer {t['from_layer']}",
+            out / file,
+        )
         files.append(file)
     last = layers[-1]
     counts = last["expert_domain_counts"]  # [E, D]
@@ -80,8 +105,15 @@ def checkpoint_plots(plt, result: dict, name: str, out: Path) -> list[str]:
     if keep:
         shares = [[counts[e][d] / totals[d] for d in keep] for e in range(len(counts))]
         file = f"{name}_expert_domain.png"
-        _heatmap(plt, shares, f"{name}: share of each domain's tokens per expert (layer {last['layer_number']})",
-                 "domain", "expert", out / file, xticks=[result["domain_names"][d] for d in keep])
+        _heatmap(
+            plt,
+            shares,
+            f"{name}: share of each domain's tokens per expert (layer {last['layer_number']})",
+            "domain",
+            "expert",
+            out / file,
+            xticks=[result["domain_names"][d] for d in keep],
+        )
         files.append(file)
     return files
 
@@ -91,8 +123,12 @@ def comparison_plots(plt, results: dict[str, dict], out: Path) -> list[str]:
     for key in PER_LAYER:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for name, result in results.items():
-            ax.plot([layer["layer_number"] for layer in result["layers"]],
-                    [layer[key] for layer in result["layers"]], marker="o", label=name)
+            ax.plot(
+                [layer["layer_number"] for layer in result["layers"]],
+                [layer[key] for layer in result["layers"]],
+                marker="o",
+                label=name,
+            )
         ax.set_xlabel("layer")
         ax.set_title(key)
         ax.legend(fontsize=7)
@@ -115,22 +151,28 @@ def write_report(results: dict[str, dict], out: Path) -> Path:
     names = list(results)
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{summaries[n][k]:.5g}</td>" for n in names) + "</tr>"
-        for k in summaries[names[0]])
-    head = "".join(f"<th>{html.escape(n)}<br><small>{html.escape(results[n]['checkpoint'])} "
-                   f"(iteration {results[n]['iteration']}, {results[n]['router_type']})</small></th>" for n in names)
+        for k in summaries[names[0]]
+    )
+    head = "".join(
+        f"<th>{html.escape(n)}<br><small>{html.escape(results[n]['checkpoint'])} "
+        f"(iteration {results[n]['iteration']}, {results[n]['router_type']})</small></th>"
+        for n in names
+    )
     shared_imgs = "".join(f'<img src="{f}" alt="{f}">' for f in shared)
-    columns = "".join(f"<td>{''.join(f'<img src={chr(34)}{f}{chr(34)} alt={chr(34)}{f}{chr(34)}><br>' for f in files)}</td>"
-                      for files in per_checkpoint.values())
+    columns = "".join(
+        f"<td>{''.join(f'<img src={chr(34)}{f}{chr(34)} alt={chr(34)}{f}{chr(34)}><br>' for f in files)}</td>"
+        for files in per_checkpoint.values()
+    )
     first = results[names[0]]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moe-reg routing report</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
 table{{border-collapse:collapse}} img{{max-width:520px;margin:4px}}</style></head><body>
 <h1>Routing report</h1>
-<p>{first['num_tokens']} validation tokens ({first['sample_tokens']} sampled for PES and activation MSO),
+<p>{first["num_tokens"]} validation tokens ({first["sample_tokens"]} sampled for PES and activation MSO),
 the same for every checkpoint. Values are means over MoE layers; per-layer values are in metrics.json.</p>
 <table><tr><th></th>{head}</tr>{rows}</table>
 <h2>Per layer</h2>{shared_imgs}
-<h2>Load, transitions and domains</h2><table><tr>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}</tr>
+<h2>Load, transitions and domains</h2><table><tr>{"".join(f"<th>{html.escape(n)}</th>" for n in names)}</tr>
 <tr>{columns}</tr></table></body></html>
 """
     path = out / "index.html"

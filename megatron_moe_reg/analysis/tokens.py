@@ -36,8 +36,9 @@ def _domains_of(prefix: str, num_documents: int) -> tuple[list[str], list[int]]:
     return [Path(prefix).name], [0] * num_documents
 
 
-def read_documents(prefixes: list[str], max_tokens: int,
-                   chunk: int = 256) -> tuple[list[tuple[np.ndarray, int]], list[str]]:
+def read_documents(
+    prefixes: list[str], max_tokens: int, chunk: int = 256
+) -> tuple[list[tuple[np.ndarray, int]], list[str]]:
     """(token ids, domain index) pieces of at most ``chunk`` tokens, taken round-robin over the
     domains (each domain's documents in index order), until ``max_tokens`` are read."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -46,8 +47,10 @@ def read_documents(prefixes: list[str], max_tokens: int,
     by_domain: dict[int, list] = {}
     for prefix in prefixes:
         if not Path(prefix + ".idx").is_file():
-            raise ConfigError(f"--data-path {prefix}: no {prefix}.idx (give the prefix of a Megatron indexed "
-                              "dataset, e.g. data/stdlib/valid_text_document)")
+            raise ConfigError(
+                f"--data-path {prefix}: no {prefix}.idx (give the prefix of a Megatron indexed "
+                "dataset, e.g. data/stdlib/valid_text_document)"
+            )
         dataset = IndexedDataset(prefix)
         doc_names, doc_domains = _domains_of(prefix, len(dataset))
         offset = len(names)
@@ -72,7 +75,7 @@ def _round_robin(by_domain: dict[int, list], max_tokens: int, chunk: int) -> lis
                 continue
             dataset, i = by_domain[domain][position]
             doc = dataset[i]
-            piece = np.asarray(doc[offset: offset + min(chunk, max_tokens - have)], dtype=np.int64)
+            piece = np.asarray(doc[offset : offset + min(chunk, max_tokens - have)], dtype=np.int64)
             pieces.append((piece, domain))
             have += len(piece)
             offset += len(piece)
@@ -80,20 +83,23 @@ def _round_robin(by_domain: dict[int, list], max_tokens: int, chunk: int) -> lis
     return pieces
 
 
-def sequences(docs: list[tuple[np.ndarray, int]], names: list[str], num_tokens: int,
-              seq_length: int) -> AnalysisTokens:
+def sequences(docs: list[tuple[np.ndarray, int]], names: list[str], num_tokens: int, seq_length: int) -> AnalysisTokens:
     """The documents joined and cut into at most ``num_tokens`` input tokens (whole sequences)."""
     stream = torch.from_numpy(np.concatenate([d for d, _ in docs])) if docs else torch.zeros(0, dtype=torch.long)
-    domain = torch.from_numpy(np.concatenate([np.full(len(d), k, dtype=np.int64) for d, k in docs])) \
-        if docs else stream
+    domain = torch.from_numpy(np.concatenate([np.full(len(d), k, dtype=np.int64) for d, k in docs])) if docs else stream
     rows = (min(num_tokens, stream.numel() - 1)) // seq_length
     if rows < 1:
-        raise ConfigError(f"--data-path: {stream.numel()} tokens, fewer than one sequence of {seq_length + 1}; "
-                          "give more data or a checkpoint with a shorter --seq-length")
+        raise ConfigError(
+            f"--data-path: {stream.numel()} tokens, fewer than one sequence of {seq_length + 1}; "
+            "give more data or a checkpoint with a shorter --seq-length"
+        )
     n = rows * seq_length
-    return AnalysisTokens(tokens=stream[:n].reshape(rows, seq_length),
-                          labels=stream[1:n + 1].reshape(rows, seq_length),
-                          domains=domain[:n].reshape(rows, seq_length), domain_names=names)
+    return AnalysisTokens(
+        tokens=stream[:n].reshape(rows, seq_length),
+        labels=stream[1 : n + 1].reshape(rows, seq_length),
+        domains=domain[:n].reshape(rows, seq_length),
+        domain_names=names,
+    )
 
 
 def read_tokens(prefixes: list[str], num_tokens: int, seq_length: int) -> AnalysisTokens:
@@ -106,5 +112,9 @@ def random_tokens(num_tokens: int, seq_length: int, vocab_size: int, seed: int =
     rows = max(1, num_tokens // seq_length)
     g = torch.Generator().manual_seed(seed)
     stream = torch.randint(0, vocab_size, (rows * seq_length + 1,), generator=g)
-    return AnalysisTokens(tokens=stream[:-1].reshape(rows, seq_length), labels=stream[1:].reshape(rows, seq_length),
-                          domains=torch.zeros(rows, seq_length, dtype=torch.long), domain_names=["mock"])
+    return AnalysisTokens(
+        tokens=stream[:-1].reshape(rows, seq_length),
+        labels=stream[1:].reshape(rows, seq_length),
+        domains=torch.zeros(rows, seq_length, dtype=torch.long),
+        domain_names=["mock"],
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ BACKENDS = GROUPED_GEMM_BACKENDS
 FUNCTIONAL_BACKENDS = ("triton", "torch", "sequential")
 
 
-def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` (None when it can)."""
     device = torch.device(device)
     if backend == "triton":
@@ -64,9 +64,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def grouped_mlp_with_activation(x_NH: torch.Tensor, tokens_per_expert: Union[torch.Tensor, Sequence[int]],
-                                fc1: Weights, fc2: Weights, probs_N: Optional[torch.Tensor] = None,
-                                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_mlp_with_activation(
+    x_NH: torch.Tensor,
+    tokens_per_expert: torch.Tensor | Sequence[int],
+    fc1: Weights,
+    fc2: Weights,
+    probs_N: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_NH, z_NF): the output and the SwiGLU activation z before probability scaling.
 
     z is the tensor the backend keeps for its own backward (no extra copy); gradients reaching
@@ -79,17 +84,27 @@ def grouped_mlp_with_activation(x_NH: torch.Tensor, tokens_per_expert: Union[tor
     if backend == "sequential":
         counts = tokens_per_expert.tolist() if isinstance(tokens_per_expert, torch.Tensor) else tokens_per_expert
         return grouped_mlp_reference(x_NH, counts, fc1_list, fc2_list, probs_N)
+    function: type[torch.autograd.Function]
     if backend == "triton":
-        from megatron_moe_reg.experts.triton_backend import TritonGroupedSwiGLU as Function
+        from megatron_moe_reg.experts.triton_backend import TritonGroupedSwiGLU
+
+        function = TritonGroupedSwiGLU
     else:
-        from megatron_moe_reg.experts.torch_backend import TorchGroupedSwiGLU as Function
-    return Function.apply(x_NH, probs_N, expert_offsets(tokens_per_expert, x_NH.device), len(fc1_list),
-                          *fc1_list, *fc2_list)
+        from megatron_moe_reg.experts.torch_backend import TorchGroupedSwiGLU
+
+        function = TorchGroupedSwiGLU
+    return function.apply(
+        x_NH, probs_N, expert_offsets(tokens_per_expert, x_NH.device), len(fc1_list), *fc1_list, *fc2_list
+    )
 
 
-def grouped_mlp(x_NH: torch.Tensor, tokens_per_expert_E: Union[torch.Tensor, Sequence[int]],
-                fc1_weight_E2FH: Weights, fc2_weight_EHF: Weights, probs_N: Optional[torch.Tensor] = None,
-                backend: str = "auto") -> torch.Tensor:
+def grouped_mlp(
+    x_NH: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor | Sequence[int],
+    fc1_weight_E2FH: Weights,
+    fc2_weight_EHF: Weights,
+    probs_N: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """out_NH of the grouped SwiGLU MLP (see the module docstring)."""
-    return grouped_mlp_with_activation(x_NH, tokens_per_expert_E, fc1_weight_E2FH, fc2_weight_EHF,
-                                       probs_N, backend)[0]
+    return grouped_mlp_with_activation(x_NH, tokens_per_expert_E, fc1_weight_E2FH, fc2_weight_EHF, probs_N, backend)[0]

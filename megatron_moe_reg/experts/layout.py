@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
-Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
+Weights = torch.Tensor | Sequence[torch.Tensor]
 
 
-def expert_offsets(tokens_per_expert: Union[torch.Tensor, Sequence[int]], device: torch.device) -> torch.Tensor:
+def expert_offsets(tokens_per_expert: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
     """int32 [E + 1] on ``device``: rows of expert e are ``x[offsets[e]:offsets[e + 1]]``
     (no host-device synchronization)."""
     counts = torch.as_tensor(tokens_per_expert).to(device=device, dtype=torch.int32, non_blocking=True)
@@ -29,18 +29,19 @@ def stacked(weights: Weights) -> torch.Tensor:
     if isinstance(weights, torch.Tensor):
         return weights
     first = weights[0]
-    if len(weights) > 1 and all(w.shape == first.shape and w.stride() == first.stride()
-                                and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                                for w in weights):
+    if len(weights) > 1 and all(
+        w.shape == first.shape
+        and w.stride() == first.stride()
+        and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        for w in weights
+    ):
         step = weights[1].storage_offset() - first.storage_offset()
-        if step > 0 and all(w.storage_offset() == first.storage_offset() + i * step
-                            for i, w in enumerate(weights)):
-            return first.as_strided((len(weights), *first.shape), (step, *first.stride()),
-                                    first.storage_offset())
+        if step > 0 and all(w.storage_offset() == first.storage_offset() + i * step for i, w in enumerate(weights)):
+            return first.as_strided((len(weights), *first.shape), (step, *first.stride()), first.storage_offset())
     return torch.stack(list(weights))
 
 
-_POINTER_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_POINTER_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _MAX_TABLES = 256
 
 

@@ -12,7 +12,7 @@ This is the ``sequential`` backend of ``grouped_mlp`` and the ground truth of th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,29 +37,39 @@ def swiglu_backward(h: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     return torch.cat([d_gate, d_up], dim=-1).to(h.dtype)
 
 
-def scale_rows(z: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
+def scale_rows(z: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
     """p ⊙ z as Megatron computes it: the product in the probabilities' dtype, cast back to z's."""
     if probs is None:
         return z
     return (z * probs.unsqueeze(-1)).to(z.dtype)
 
 
-def grouped_mlp_reference(x_NH: torch.Tensor, counts: Sequence[int], fc1: Weights, fc2: Weights,
-                          probs_N: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_mlp_reference(
+    x_NH: torch.Tensor, counts: Sequence[int], fc1: Weights, fc2: Weights, probs_N: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_NH, z_NF) with autograd through plain torch ops, one expert at a time."""
     outputs, activations = [], []
-    for e, (x_e, p_e) in enumerate(zip(torch.split(x_NH, list(counts)),
-                                       torch.split(probs_N, list(counts)) if probs_N is not None
-                                       else [None] * len(counts))):
+    for e, (x_e, p_e) in enumerate(
+        zip(
+            torch.split(x_NH, list(counts)),
+            torch.split(probs_N, list(counts)) if probs_N is not None else [None] * len(counts),
+            strict=False,
+        )
+    ):
         z_e = swiglu(x_e @ fc1[e].t())
         outputs.append(scale_rows(z_e, p_e) @ fc2[e].t())
         activations.append(z_e)
     return torch.cat(outputs), torch.cat(activations)
 
 
-def probs_and_swiglu_backward(da: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
-                              probs: Optional[torch.Tensor], dz_extra: Optional[torch.Tensor],
-                              need_dprobs: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+def probs_and_swiglu_backward(
+    da: torch.Tensor,
+    z: torch.Tensor,
+    h: torch.Tensor,
+    probs: torch.Tensor | None,
+    dz_extra: torch.Tensor | None,
+    need_dprobs: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """From da = ∂L/∂(p ⊙ z) to (∂L/∂p, ∂L/∂h): ∂p_r = Σ_f da_rf z_rf, ∂z = p ⊙ da + dz_extra
     (dz_extra: the gradient reaching z directly, e.g. from the specialization loss)."""
     dprobs = None

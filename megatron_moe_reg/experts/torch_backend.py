@@ -9,8 +9,6 @@ are evenly spaced in one storage, else a copy).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron_moe_reg.experts.layout import stacked
@@ -20,21 +18,24 @@ from megatron_moe_reg.experts.reference import probs_and_swiglu_backward, scale_
 def check_alignment(hidden: int, ffn: int, dtype: torch.dtype, device_type: str = "cpu") -> None:
     """``torch._grouped_mm`` needs rows whose byte size is a multiple of 16, and bf16 on CUDA."""
     if device_type == "cuda" and dtype != torch.bfloat16:
-        raise ValueError(f"torch._grouped_mm on CUDA needs bf16, got {dtype}; train with --bf16 or use the "
-                         "triton or sequential backend")
+        raise ValueError(
+            f"torch._grouped_mm on CUDA needs bf16, got {dtype}; train with --bf16 or use the "
+            "triton or sequential backend"
+        )
     size = torch.empty((), dtype=dtype).element_size()
     for name, n in (("hidden size", hidden), ("expert ffn hidden size", ffn)):
         if (n * size) % 16:
-            raise ValueError(f"the torch grouped GEMM backend needs the {name} ({n}) to be a multiple "
-                             f"of {16 // size} in {dtype}; use the triton or sequential backend")
+            raise ValueError(
+                f"the torch grouped GEMM backend needs the {name} ({n}) to be a multiple "
+                f"of {16 // size} in {dtype}; use the triton or sequential backend"
+            )
 
 
 class TorchGroupedSwiGLU(torch.autograd.Function):
     """(y, z) = grouped SwiGLU MLP of expert-sorted rows; weights: E fc1 then E fc2 tensors."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, probs: Optional[torch.Tensor], offsets: torch.Tensor,
-                num_experts: int, *weights: torch.Tensor):
+    def forward(ctx, x, probs, offsets, num_experts: int, *weights):  # tensors; probs may be None
         check_alignment(x.shape[1], weights[-1].shape[1], x.dtype, x.device.type)
         fc1 = stacked(list(weights[:num_experts]))
         fc2 = stacked(list(weights[num_experts:]))
@@ -46,7 +47,7 @@ class TorchGroupedSwiGLU(torch.autograd.Function):
         return y, z
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, dz_extra: Optional[torch.Tensor]):
+    def backward(ctx, dy: torch.Tensor, dz_extra: torch.Tensor | None):
         x, h, z, probs, ends, fc1, fc2 = ctx.saved_tensors
         dy = dy.contiguous()
         da = torch._grouped_mm(dy, fc2, offs=ends)

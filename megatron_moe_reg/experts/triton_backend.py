@@ -10,8 +10,6 @@ Saved for backward: x, h [rows, 2F], z [rows, F] — the same as Megatron's Sequ
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron_moe_reg.experts.layout import pointer_table
@@ -19,7 +17,8 @@ from megatron_moe_reg.experts.reference import probs_and_swiglu_backward
 
 
 def _uniform(weights: list[torch.Tensor], name: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    shape, strides = tuple(weights[0].shape), weights[0].stride()
+    first = weights[0]
+    shape, strides = (first.shape[0], first.shape[1]), (first.stride(0), first.stride(1))
     if any(tuple(w.shape) != shape or w.stride() != strides for w in weights):
         raise ValueError(f"the experts' {name} weights differ in shape or layout")
     return shape, strides
@@ -29,14 +28,14 @@ class TritonGroupedSwiGLU(torch.autograd.Function):
     """(y, z) = grouped SwiGLU MLP of expert-sorted rows; weights: E fc1 then E fc2 tensors."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, probs: Optional[torch.Tensor], offsets: torch.Tensor,
-                num_experts: int, *weights: torch.Tensor):
+    def forward(ctx, x, probs, offsets, num_experts: int, *weights):  # tensors; probs may be None
         from megatron_moe_reg.experts.kernels.grouped_gemm import rows_matmul
 
         fc1, fc2 = list(weights[:num_experts]), list(weights[num_experts:])
         if any(w.dtype != x.dtype for w in weights):
-            raise TypeError(f"triton grouped GEMM: weights and activations must share a dtype, got "
-                            f"{weights[0].dtype} and {x.dtype}")
+            raise TypeError(
+                f"triton grouped GEMM: weights and activations must share a dtype, got {weights[0].dtype} and {x.dtype}"
+            )
         x = x.contiguous()
         t1, t2 = pointer_table(fc1, x.device), pointer_table(fc2, x.device)
         shape1, strides1 = _uniform(fc1, "fc1")
@@ -49,7 +48,7 @@ class TritonGroupedSwiGLU(torch.autograd.Function):
         return y, z
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, dz_extra: Optional[torch.Tensor]):
+    def backward(ctx, dy: torch.Tensor, dz_extra: torch.Tensor | None):
         from megatron_moe_reg.experts.kernels.grouped_gemm import expert_wgrad, rows_matmul
 
         x, h, z, probs, offsets = ctx.saved_tensors

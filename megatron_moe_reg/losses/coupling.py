@@ -21,8 +21,6 @@ routers. All math is in fp32 (fp64 inputs stay fp64).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +44,7 @@ def routing_distribution(logits_TE: torch.Tensor, score_function: str = "softmax
     return scores / (scores.sum(dim=-1, keepdim=True) + TINY)
 
 
-def topk_mass(scores_TE: torch.Tensor, topk: int, routing_map_TE: Optional[torch.Tensor] = None) -> torch.Tensor:
+def topk_mass(scores_TE: torch.Tensor, topk: int, routing_map_TE: torch.Tensor | None = None) -> torch.Tensor:
     """m_i = Σ_{e ∈ TopK(i)} s_i^e; TopK from ``routing_map_TE`` when given (the experts actually
     routed to, e.g. with an expert bias), else the top-k of the scores."""
     s = at_least_fp32(scores_TE)
@@ -64,10 +62,16 @@ def coupling_from_masses(m_prev_T: torch.Tensor, m_T: torch.Tensor, variant: str
     raise ValueError(f"unknown coupling variant {variant!r}; choose one of {VARIANTS}")
 
 
-def coupling_loss(scores_prev_TE: torch.Tensor, scores_TE: torch.Tensor, topk: int,
-                  token_mask_T: Optional[torch.Tensor] = None, variant: str = "product", *,
-                  routing_map_prev_TE: Optional[torch.Tensor] = None,
-                  routing_map_TE: Optional[torch.Tensor] = None) -> torch.Tensor:
+def coupling_loss(
+    scores_prev_TE: torch.Tensor,
+    scores_TE: torch.Tensor,
+    topk: int,
+    token_mask_T: torch.Tensor | None = None,
+    variant: str = "product",
+    *,
+    routing_map_prev_TE: torch.Tensor | None = None,
+    routing_map_TE: torch.Tensor | None = None,
+) -> torch.Tensor:
     """R_cp between two consecutive MoE layers (Eq. 7, inferred form; see the module docstring).
 
     Args:
@@ -82,8 +86,9 @@ def coupling_loss(scores_prev_TE: torch.Tensor, scores_TE: torch.Tensor, topk: i
         fp32 scalar in [-1, 0] ("product"); 0 for a fully masked input.
     """
     if scores_prev_TE.shape != scores_TE.shape:
-        raise ValueError(f"scores of the two layers differ in shape: {tuple(scores_prev_TE.shape)} "
-                         f"vs {tuple(scores_TE.shape)}")
+        raise ValueError(
+            f"scores of the two layers differ in shape: {tuple(scores_prev_TE.shape)} vs {tuple(scores_TE.shape)}"
+        )
     m_prev = topk_mass(scores_prev_TE, topk, routing_map_prev_TE)
     m = topk_mass(scores_TE, topk, routing_map_TE)
     return masked_mean(coupling_from_masses(m_prev, m, variant), token_mask_T)

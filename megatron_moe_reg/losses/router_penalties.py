@@ -16,8 +16,6 @@ Power iteration (as ``torch.nn.utils.spectral_norm``): v = normalize(Wᵀu), u =
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +41,7 @@ def sigma_from_vectors(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tor
     return torch.dot(u.to(w), w @ v.to(w))
 
 
-def spectral_norm(W: torch.Tensor, u: Optional[torch.Tensor] = None, n_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def spectral_norm(W: torch.Tensor, u: torch.Tensor | None = None, n_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """σ_max(W) by ``n_iter`` power-iteration steps from ``u`` (a fixed seed when None).
 
     Returns (sigma, u): sigma differentiable in W, u the updated left vector to reuse.
@@ -56,7 +54,7 @@ def spectral_norm(W: torch.Tensor, u: Optional[torch.Tensor] = None, n_iter: int
     return sigma_from_vectors(W, u, v), u
 
 
-def stable_rank(W: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+def stable_rank(W: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
     """srank(W) = ‖W‖_F² / σ_max²; σ_max exact (SVD) unless given."""
     w = at_least_fp32(W)
     if sigma is None:
@@ -64,7 +62,7 @@ def stable_rank(W: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.
     return w.pow(2).sum() / sigma.pow(2).clamp_min(EPS)
 
 
-def spectral_penalty(sigma: torch.Tensor, target: Optional[float] = None) -> torch.Tensor:
+def spectral_penalty(sigma: torch.Tensor, target: float | None = None) -> torch.Tensor:
     """σ² (default) or the hinge relu(σ - c)² when a target c is given."""
     if target is None:
         return sigma.pow(2)

@@ -19,8 +19,6 @@ All math is in fp32 whatever the input dtype (fp64 inputs stay fp64).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 EPS = 1e-6
@@ -59,7 +57,7 @@ def specialization_per_token(z_TKF: torch.Tensor, eps: float = EPS) -> torch.Ten
     return (gram.pow(2) * off_diagonal).sum(dim=(-1, -2))
 
 
-def masked_mean(values_T: torch.Tensor, token_mask_T: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_mean(values_T: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
     """Mean over kept tokens (``token_mask_T`` True = keep); 0, not NaN, when none is kept."""
     if token_mask_T is not None:
         keep = token_mask_T.to(device=values_T.device, dtype=torch.bool).reshape(-1)
@@ -69,7 +67,7 @@ def masked_mean(values_T: torch.Tensor, token_mask_T: Optional[torch.Tensor]) ->
     return values_T.mean()
 
 
-def specialization_loss(z_TKF: torch.Tensor, token_mask_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+def specialization_loss(z_TKF: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """R_sp of one MoE layer (paper Eq. 4): mean over kept tokens of Σ_{e≠ν} cos²(z^e, z^ν).
 
     Args:

@@ -26,7 +26,21 @@ from megatron_moe_reg.metrics.routing import (
     routing_entropy,
 )
 
-__all__ = ["activation_mso", "coactivation_overlap", "joint_counts", "load_entropy", "load_statistics",
-           "normalized_mutual_information", "pairwise_expert_similarity", "pathway_conditional_entropy",
-           "pathway_mutual_information", "percentiles", "router_distribution", "router_geometry",
-           "routing_entropy", "row_orthogonality_error", "top_pathway_share", "weight_mso"]
+__all__ = [
+    "activation_mso",
+    "coactivation_overlap",
+    "joint_counts",
+    "load_entropy",
+    "load_statistics",
+    "normalized_mutual_information",
+    "pairwise_expert_similarity",
+    "pathway_conditional_entropy",
+    "pathway_mutual_information",
+    "percentiles",
+    "router_distribution",
+    "router_geometry",
+    "routing_entropy",
+    "row_orthogonality_error",
+    "top_pathway_share",
+    "weight_mso",
+]

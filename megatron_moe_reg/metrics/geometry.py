@@ -1,10 +1,10 @@
 """Router geometry (no gradient): σ_max, stable rank, row orthogonality.
 
-    σ_max(W)                exact largest singular value of the routing matrix W (E x H)
-    srank(W)              = ‖W‖_F² / σ_max²                                 (SR-MoE's quantity)
-    row orthogonality     = ‖Ŵ Ŵᵀ - I‖_F,  Ŵ = W with unit-norm rows      (SimBal's Gram deviation,
-                                                                           papers.md §6b; Frobenius
-                                                                           form inferred)
+σ_max(W)                exact largest singular value of the routing matrix W (E x H)
+srank(W)              = ‖W‖_F² / σ_max²                                 (SR-MoE's quantity)
+row orthogonality     = ‖Ŵ Ŵᵀ - I‖_F,  Ŵ = W with unit-norm rows      (SimBal's Gram deviation,
+                                                                       papers.md §6b; Frobenius
+                                                                       form inferred)
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from megatron_moe_reg.losses.router_penalties import EPS, stable_rank
 def router_geometry(W_EH: torch.Tensor) -> dict[str, float]:
     w = W_EH.detach().double()
     sigma = torch.linalg.matrix_norm(w, ord=2)
-    return {"router_sigma_max": float(sigma),
-            "router_stable_rank": float(stable_rank(w, sigma.clamp_min(EPS))),
-            "router_row_orthogonality_error": float(row_orthogonality_error(w))}
+    return {
+        "router_sigma_max": float(sigma),
+        "router_stable_rank": float(stable_rank(w, sigma.clamp_min(EPS))),
+        "router_row_orthogonality_error": float(row_orthogonality_error(w)),
+    }
 
 
 @torch.no_grad()

@@ -64,8 +64,11 @@ def activation_mso(outputs_NTH: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def weight_mso(weights_E: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """Weight-space MSO: mean over expert pairs of cos²(vec W_i, vec W_j)."""
-    flat = torch.stack([w.reshape(-1) for w in weights_E]) if isinstance(weights_E, (list, tuple)) \
+    flat = (
+        torch.stack([w.reshape(-1) for w in weights_E])
+        if isinstance(weights_E, (list, tuple))
         else weights_E.reshape(weights_E.shape[0], -1)
+    )
     if flat.shape[0] < 2:
         raise ValueError("MSO needs at least two experts")
     return _upper_mean(_pairwise_cosines(flat[:, None, :]).pow(2)).mean()

@@ -43,8 +43,7 @@ def _entropy_of_counts(counts: torch.Tensor) -> float:
 
 def mutual_information_from_counts(joint: torch.Tensor) -> float:
     """I(A; B) in nats from a joint count matrix."""
-    return (_entropy_of_counts(joint.sum(1)) + _entropy_of_counts(joint.sum(0))
-            - _entropy_of_counts(joint))
+    return _entropy_of_counts(joint.sum(1)) + _entropy_of_counts(joint.sum(0)) - _entropy_of_counts(joint)
 
 
 def pathway_mutual_information(experts_prev_T: torch.Tensor, experts_T: torch.Tensor, num_experts: int) -> float:

@@ -18,8 +18,7 @@ import math
 
 import torch
 
-LOAD_STATISTICS = ("load_min", "load_max", "load_std", "load_cv", "load_max_violation", "dead_experts",
-                   "load_entropy")
+LOAD_STATISTICS = ("load_min", "load_max", "load_std", "load_cv", "load_max_violation", "dead_experts", "load_entropy")
 
 
 def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:

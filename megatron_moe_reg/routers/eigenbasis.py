@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_reg.integration.router import PluginRouterMixin, tag_router_parameter
+from megatron_moe_reg.routers.base import PluginRouterMixin, tag_router_parameter
 
 TINY = 1e-20
 
@@ -87,11 +87,16 @@ class EigenbasisRouter(PluginRouterMixin, TopKRouter):
         super()._record_geometry()
         threshold = self.plugin.moe_eigen_threshold
         routing = self.moe_reg_last_routing
-        measuring = self.moe_reg_measure and self.tracker is not None
+        tracker = self.tracker if self.moe_reg_measure else None
         # data-dependent: recorded for every micro-batch of a measured step
-        if measuring and threshold is not None and self._last_scores is not None and routing is not None:
+        if tracker is not None and threshold is not None and self._last_scores is not None and routing is not None:
             routed = routing.routing_map & routing.keep_mask()[:, None]
             qualified = (self._last_scores >= threshold) & routed
             fraction = qualified.sum() / routed.sum().clamp_min(1)
-            self.tracker.record("eigen_qualified_fraction", fraction, self.layer_number, self.config.num_layers,
-                                avg_group=self.tp_cp_group)
+            tracker.record(
+                "eigen_qualified_fraction",
+                fraction,
+                self.layer_number,
+                self.config.num_layers,
+                avg_group=self.tp_cp_group,
+            )

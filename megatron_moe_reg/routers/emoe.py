@@ -22,13 +22,19 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
-from megatron_moe_reg.integration.router import PluginRouterMixin, tag_router_parameter
+from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
+from megatron_moe_reg.routers.base import PluginRouterMixin, tag_router_parameter
 from megatron_moe_reg.routers.eigenbasis import orthonormal_basis
 
 
-def emoe_logits(h_TH: torch.Tensor, Q_Hr: torch.Tensor, M_Er: torch.Tensor, gamma_r: torch.Tensor,
-                b_E: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def emoe_logits(
+    h_TH: torch.Tensor,
+    Q_Hr: torch.Tensor,
+    M_Er: torch.Tensor,
+    gamma_r: torch.Tensor,
+    b_E: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """EMoE's routing logits (already divided by τ), [T, E]."""
     z = h_TH @ Q_Hr
     energy = z.pow(2)
@@ -57,8 +63,14 @@ class EMoERouter(PluginRouterMixin, TopKRouter):
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         dtype = self._compute_dtype()
         h = input.to(dtype)
-        logits = emoe_logits(h.reshape(-1, h.shape[-1]), self.basis(), self.ownership.to(dtype),
-                             self.gamma.to(dtype), self.offset.to(dtype), self.plugin.moe_eigen_temperature)
+        logits = emoe_logits(
+            h.reshape(-1, h.shape[-1]),
+            self.basis(),
+            self.ownership.to(dtype),
+            self.gamma.to(dtype),
+            self.offset.to(dtype),
+            self.plugin.moe_eigen_temperature,
+        )
         return logits.reshape(*h.shape[:-1], -1)
 
     def penalty_matrix(self) -> torch.Tensor:
@@ -76,7 +88,12 @@ class EMoERouter(PluginRouterMixin, TopKRouter):
         if coeff > 0:
             A = self.basis_raw.to(self._compute_dtype())
             soft = (A.t() @ A - torch.eye(A.shape[1], dtype=A.dtype, device=A.device)).pow(2).sum()
-            probs = attach_local_mean_loss(probs, soft, coeff, tp_cp_size=self.tp_cp_group.size(),
-                                           calculate_per_token_loss=self.calculate_per_token_loss,
-                                           num_local_tokens=routing.keep_mask().sum())
+            probs = attach_local_mean_loss(
+                probs,
+                soft,
+                coeff,
+                tp_cp_size=self.tp_cp_group.size(),
+                calculate_per_token_loss=self.calculate_per_token_loss,
+                num_local_tokens=routing.keep_mask().sum(),
+            )
         return probs

@@ -17,25 +17,26 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_reg.integration.router import PluginRouterMixin
+from megatron_moe_reg.routers.base import PluginRouterMixin
 
 
 def prototype_logits(x_TH: torch.Tensor, prototypes_EH: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """-‖x - μ_e‖² / τ for every token and prototype, [T, E], without a T x E x H tensor."""
-    sq_dist = (x_TH.pow(2).sum(-1, keepdim=True) - 2.0 * F.linear(x_TH, prototypes_EH)
-               + prototypes_EH.pow(2).sum(-1))
+    sq_dist = x_TH.pow(2).sum(-1, keepdim=True) - 2.0 * F.linear(x_TH, prototypes_EH) + prototypes_EH.pow(2).sum(-1)
     return -sq_dist.clamp_min(0.0) / temperature
 
 
 class PrototypeRouter(PluginRouterMixin, TopKRouter):
     def __init__(self, config, pg_collection=None, plugin=None, **kwargs):
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
-        self._register_scalar("log_temperature", math.log(plugin.moe_prototype_temperature),
-                              plugin.moe_prototype_fixed_temperature)
+        self._register_scalar(
+            "log_temperature", math.log(plugin.moe_prototype_temperature), plugin.moe_prototype_fixed_temperature
+        )
         self._init_plugin(plugin)
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         dtype = self._compute_dtype()
         x = input.to(dtype)
-        return prototype_logits(x.reshape(-1, x.shape[-1]), self.weight.to(dtype),
-                                self.log_temperature.to(dtype).exp()).reshape(*x.shape[:-1], -1)
+        return prototype_logits(
+            x.reshape(-1, x.shape[-1]), self.weight.to(dtype), self.log_temperature.to(dtype).exp()
+        ).reshape(*x.shape[:-1], -1)

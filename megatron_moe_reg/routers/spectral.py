@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_reg.integration.router import PluginRouterMixin
 from megatron_moe_reg.losses.router_penalties import EPS
+from megatron_moe_reg.routers.base import PluginRouterMixin
 
 
 class SpectralRouter(PluginRouterMixin, TopKRouter):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
-from megatron_moe_reg.config import PluginConfig
+from megatron_moe_reg import flags
+from megatron_moe_reg.config import ModelShape, PluginConfig
 from megatron_moe_reg.errors import ConfigError
-from megatron_moe_reg.training import flags
 
 
 def opt(default, help: str = "", **meta):
@@ -24,11 +23,11 @@ class ModelArgs:
     num_layers: int = opt(4, "number of transformer layers")
     hidden_size: int = opt(256, "transformer hidden size")
     num_attention_heads: int = opt(4, "attention heads")
-    num_query_groups: Optional[int] = opt(None, "query groups for grouped-query attention")
-    ffn_hidden_size: Optional[int] = opt(None, "dense MLP hidden size (default 4*hidden)")
-    kv_channels: Optional[int] = opt(None, "projection size per head (default hidden/heads)")
+    num_query_groups: int | None = opt(None, "query groups for grouped-query attention")
+    ffn_hidden_size: int | None = opt(None, "dense MLP hidden size (default 4*hidden)")
+    kv_channels: int | None = opt(None, "projection size per head (default hidden/heads)")
     seq_length: int = opt(256, "training sequence length")
-    max_position_embeddings: Optional[int] = opt(None, "default --seq-length")
+    max_position_embeddings: int | None = opt(None, "default --seq-length")
     normalization: str = opt("RMSNorm", "normalization layer", choices=["RMSNorm", "LayerNorm"])
     norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
     swiglu: bool = opt(True, "SwiGLU MLPs (--no-swiglu: GELU)")
@@ -39,38 +38,42 @@ class ModelArgs:
     init_method_std: float = opt(0.02, "std of the normal initialisation")
     hidden_dropout: float = opt(0.0, "dropout after attention/MLP")
     attention_dropout: float = opt(0.0, "dropout on attention probabilities")
-    vocab_size: Optional[int] = opt(None, "vocabulary size for --tokenizer-type NullTokenizer")
+    vocab_size: int | None = opt(None, "vocabulary size for --tokenizer-type NullTokenizer")
     make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this")
-    transformer_impl: str = opt("auto", "layer implementation (auto: TE when installed and on GPU)",
-                                choices=["auto", "local", "transformer_engine"])
+    transformer_impl: str = opt(
+        "auto",
+        "layer implementation (auto: TE when installed and on GPU)",
+        choices=["auto", "local", "transformer_engine"],
+    )
 
 
 @dataclass
 class MoEArgs:
-    num_experts: Optional[int] = opt(8, "routed experts per MoE layer")
-    moe_ffn_hidden_size: Optional[int] = opt(None, "expert hidden size (default --ffn-hidden-size)")
+    num_experts: int | None = opt(8, "routed experts per MoE layer")
+    moe_ffn_hidden_size: int | None = opt(None, "expert hidden size (default --ffn-hidden-size)")
     moe_router_topk: int = opt(2, "experts per token")
-    moe_layer_freq: object = opt(1, "MoE every N layers, or a 0/1 pattern such as [1,0,1,0]",
-                                 parser="int_or_list")
+    moe_layer_freq: int | list[int] = opt(
+        1, "MoE every N layers, or a 0/1 pattern such as [1,0,1,0]", parser="int_or_list"
+    )
     moe_router_load_balancing_type: str = opt(
-        "aux_loss", "Megatron balancing loss",
-        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
+        "aux_loss",
+        "Megatron balancing loss",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+    )
     moe_aux_loss_coeff: float = opt(1e-2, "load-balancing loss coefficient")
-    moe_z_loss_coeff: Optional[float] = opt(None, "router z-loss coefficient")
-    moe_router_score_function: str = opt("softmax", "router score function",
-                                         choices=["softmax", "sigmoid"])
+    moe_z_loss_coeff: float | None = opt(None, "router z-loss coefficient")
+    moe_router_score_function: str = opt("softmax", "router score function", choices=["softmax", "sigmoid"])
     moe_router_pre_softmax: bool = opt(False, "softmax before top-k")
-    moe_router_topk_scaling_factor: Optional[float] = opt(None, "scale of the top-k probabilities")
+    moe_router_topk_scaling_factor: float | None = opt(None, "scale of the top-k probabilities")
     moe_router_enable_expert_bias: bool = opt(False, "aux-loss-free expert bias (sigmoid scores)")
     moe_router_bias_update_rate: float = opt(1e-3, "expert bias update rate")
-    moe_router_num_groups: Optional[int] = opt(None, "groups for group-limited routing")
-    moe_router_group_topk: Optional[int] = opt(None, "groups selected per token")
-    moe_router_dtype: Optional[str] = opt("fp32", "router compute dtype", choices=["fp32", "fp64"])
-    moe_input_jitter_eps: Optional[float] = opt(None, "router input jitter")
-    moe_expert_capacity_factor: Optional[float] = opt(None, "token-dropping capacity factor")
-    moe_token_dispatcher_type: str = opt("allgather", "token dispatcher",
-                                         choices=["allgather", "alltoall"])
-    moe_shared_expert_intermediate_size: Optional[int] = opt(None, "shared expert hidden size")
+    moe_router_num_groups: int | None = opt(None, "groups for group-limited routing")
+    moe_router_group_topk: int | None = opt(None, "groups selected per token")
+    moe_router_dtype: str | None = opt("fp32", "router compute dtype", choices=["fp32", "fp64"])
+    moe_input_jitter_eps: float | None = opt(None, "router input jitter")
+    moe_expert_capacity_factor: float | None = opt(None, "token-dropping capacity factor")
+    moe_token_dispatcher_type: str = opt("allgather", "token dispatcher", choices=["allgather", "alltoall"])
+    moe_shared_expert_intermediate_size: int | None = opt(None, "shared expert hidden size")
     moe_shared_expert_overlap: bool = opt(False, "overlap shared expert with dispatch")
     moe_grouped_gemm: bool = opt(False, "TE grouped GEMM experts (needs TransformerEngine)")
     moe_per_layer_logging: bool = opt(True, "log MoE losses per layer to TensorBoard")
@@ -81,28 +84,29 @@ class ParallelArgs:
     tensor_model_parallel_size: int = opt(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = opt(1, "pipeline-parallel size")
     expert_model_parallel_size: int = opt(1, "expert-parallel size")
-    expert_tensor_parallel_size: Optional[int] = opt(None, "expert tensor-parallel size (default TP)")
+    expert_tensor_parallel_size: int | None = opt(None, "expert tensor-parallel size (default TP)")
     context_parallel_size: int = opt(1, "context-parallel size (needs TransformerEngine)")
     sequence_parallel: bool = opt(False, "sequence parallelism (with TP>1)")
-    use_distributed_optimizer: Optional[bool] = opt(None, "shard optimizer state over DP (default: on GPU)")
+    use_distributed_optimizer: bool | None = opt(None, "shard optimizer state over DP (default: on GPU)")
     overlap_grad_reduce: bool = opt(False, "overlap DP gradient reduce with backward (GPU)")
-    recompute_granularity: Optional[str] = opt(None, "activation recompute", choices=["full", "selective"])
-    recompute_method: Optional[str] = opt(None, "full recompute method", choices=["uniform", "block"])
-    recompute_num_layers: Optional[int] = opt(None, "layers per recompute unit")
-    recompute_modules: Optional[list[str]] = opt(None, "selective recompute modules, e.g. moe moe_act")
-    distributed_backend: str = opt("auto", "process-group backend (auto: nccl on GPU, gloo on CPU)",
-                                   choices=["auto", "nccl", "gloo"])
+    recompute_granularity: str | None = opt(None, "activation recompute", choices=["full", "selective"])
+    recompute_method: str | None = opt(None, "full recompute method", choices=["uniform", "block"])
+    recompute_num_layers: int | None = opt(None, "layers per recompute unit")
+    recompute_modules: list[str] | None = opt(None, "selective recompute modules, e.g. moe moe_act")
+    distributed_backend: str = opt(
+        "auto", "process-group backend (auto: nccl on GPU, gloo on CPU)", choices=["auto", "nccl", "gloo"]
+    )
 
 
 @dataclass
 class TrainArgs:
     micro_batch_size: int = opt(4, "sequences per micro-batch per DP rank")
-    global_batch_size: Optional[int] = opt(None, "sequences per step (default micro-batch x DP)")
+    global_batch_size: int | None = opt(None, "sequences per step (default micro-batch x DP)")
     train_iters: int = opt(100, "optimizer steps")
     lr: float = opt(1e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "final learning rate")
     lr_warmup_iters: int = opt(10, "linear warmup steps")
-    lr_decay_iters: Optional[int] = opt(None, "decay steps (default --train-iters)")
+    lr_decay_iters: int | None = opt(None, "decay steps (default --train-iters)")
     lr_decay_style: str = opt("cosine", "decay schedule", choices=["cosine", "linear", "constant"])
     weight_decay: float = opt(0.1, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "Adam beta1")
@@ -112,21 +116,24 @@ class TrainArgs:
     bf16: bool = opt(False, "bf16 mixed precision")
     calculate_per_token_loss: bool = opt(False, "normalise the loss by the global token count")
     seed: int = opt(1234, "random seed")
-    exit_interval: Optional[int] = opt(None, "stop after the iteration divisible by this")
+    exit_interval: int | None = opt(None, "stop after the iteration divisible by this")
 
 
 @dataclass
 class DataArgs:
-    data_path: Optional[list[str]] = opt(None, "dataset prefixes, optionally weighted: [w1] p1 [w2] p2")
+    data_path: list[str] | None = opt(None, "dataset prefixes, optionally weighted: [w1] p1 [w2] p2")
     split: str = opt("969,30,1", "train,valid,test split of --data-path")
-    train_data_path: Optional[list[str]] = opt(None, "training dataset prefixes")
-    valid_data_path: Optional[list[str]] = opt(None, "validation dataset prefixes")
-    test_data_path: Optional[list[str]] = opt(None, "test dataset prefixes")
+    train_data_path: list[str] | None = opt(None, "training dataset prefixes")
+    valid_data_path: list[str] | None = opt(None, "validation dataset prefixes")
+    test_data_path: list[str] | None = opt(None, "test dataset prefixes")
     mock_data: bool = opt(False, "random tokens instead of a dataset")
-    tokenizer_type: str = opt("SentencePieceTokenizer", "tokenizer",
-                              choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "NullTokenizer"])
-    tokenizer_model: Optional[str] = opt(None, "SentencePiece model file")
-    data_cache_path: Optional[str] = opt(None, "where dataset index caches are written")
+    tokenizer_type: str = opt(
+        "SentencePieceTokenizer",
+        "tokenizer",
+        choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "NullTokenizer"],
+    )
+    tokenizer_model: str | None = opt(None, "SentencePiece model file")
+    data_cache_path: str | None = opt(None, "where dataset index caches are written")
     num_workers: int = opt(0, "data-loader worker processes")
 
 
@@ -138,22 +145,22 @@ class EvalArgs:
 
 @dataclass
 class CheckpointArgs:
-    save: Optional[str] = opt(None, "checkpoint directory to write")
-    load: Optional[str] = opt(None, "checkpoint directory to resume from")
-    save_interval: Optional[int] = opt(None, "save every N steps (and at the end)")
+    save: str | None = opt(None, "checkpoint directory to write")
+    load: str | None = opt(None, "checkpoint directory to resume from")
+    save_interval: int | None = opt(None, "save every N steps (and at the end)")
     no_load_optim: bool = opt(False, "do not load optimizer state")
     no_load_rng: bool = opt(False, "do not load RNG state")
     finetune: bool = opt(False, "load weights only and start at iteration 0")
-    ckpt_step: Optional[int] = opt(None, "load this iteration of --load instead of the latest one")
+    ckpt_step: int | None = opt(None, "load this iteration of --load instead of the latest one")
     ckpt_format: str = opt("torch_dist", "checkpoint format", choices=["torch_dist"])
 
 
 @dataclass
 class LoggingArgs:
     log_interval: int = opt(10, "console/TensorBoard interval in steps")
-    tensorboard_dir: Optional[str] = opt(None, "TensorBoard log directory")
+    tensorboard_dir: str | None = opt(None, "TensorBoard log directory")
     progress_bar: bool = opt(True, "progress bar on rank 0")
-    log_file: Optional[str] = opt(None, "also write per-step metrics as JSON lines here")
+    log_file: str | None = opt(None, "also write per-step metrics as JSON lines here")
 
 
 GROUPS: tuple[tuple[str, type, str], ...] = (
@@ -186,12 +193,25 @@ class RunConfig:
     @property
     def data_parallel_size(self) -> int:
         p = self.parallel
-        return self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-                                   * p.context_parallel_size)
+        return self.world_size // (
+            p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        )
+
+    @property
+    def global_batch_size(self) -> int:
+        """--global-batch-size (``finalize`` fills its default)."""
+        assert self.train.global_batch_size is not None, "finalize() fills --global-batch-size"
+        return self.train.global_batch_size
+
+    @property
+    def lr_decay_iters(self) -> int:
+        """--lr-decay-iters (``finalize`` fills its default)."""
+        assert self.train.lr_decay_iters is not None, "finalize() fills --lr-decay-iters"
+        return self.train.lr_decay_iters
 
     @property
     def num_microbatches(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size)
+        return self.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size)
 
     def notices(self) -> list[str]:
         """Options from a config file that have no effect in this run."""
@@ -199,6 +219,16 @@ class RunConfig:
         if self.ckpt.save_interval and not self.ckpt.save:
             out.append(f"save-interval {self.ckpt.save_interval} from --config has no effect without --save")
         return out
+
+    def model_shape(self) -> ModelShape:
+        """What the plugin's checks read of this run (after ``finalize`` filled the derived sizes)."""
+        values = {
+            f.name: getattr(group, f.name)
+            for name, _, _ in GROUPS
+            for group in [getattr(self, name)]
+            for f in dataclasses.fields(group)
+        }
+        return ModelShape.from_options(values)
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name, _, _ in GROUPS}
@@ -250,13 +280,19 @@ def finalize(cfg: RunConfig) -> None:
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.train_iters
     validate(cfg)
-    cfg.plugin.validate(cfg)
+    from megatron_moe_reg.experts.validation import validate_plugin
+
+    validate_plugin(cfg.plugin, cfg.model_shape())
 
 
 def validate_parallel(cfg: RunConfig) -> None:
     p, ws = cfg.parallel, cfg.world_size
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "expert_model_parallel_size", "context_parallel_size"):
+    for name in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "expert_model_parallel_size",
+        "context_parallel_size",
+    ):
         if getattr(p, name) < 1:
             raise ConfigError(f"{flags.flag_name(name)} must be >= 1")
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
@@ -264,7 +300,8 @@ def validate_parallel(cfg: RunConfig) -> None:
         raise ConfigError(
             f"world size {ws} is not divisible by --tensor-model-parallel-size x "
             f"--pipeline-model-parallel-size x --context-parallel-size = {model_parallel}; "
-            "change the parallel sizes or the number of processes")
+            "change the parallel sizes or the number of processes"
+        )
     etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
     expert_group = p.expert_model_parallel_size * etp
     if (ws // p.pipeline_model_parallel_size) % expert_group:
@@ -272,10 +309,11 @@ def validate_parallel(cfg: RunConfig) -> None:
             f"--expert-model-parallel-size {p.expert_model_parallel_size} x --expert-tensor-parallel-size "
             f"{etp} (default: --tensor-model-parallel-size) does not divide the "
             f"{ws // p.pipeline_model_parallel_size} ranks of a pipeline stage; change the expert "
-            "parallel sizes or the number of processes")
+            "parallel sizes or the number of processes"
+        )
 
 
-def _check_prefixes(flag: str, entries: Optional[list[str]]) -> None:
+def _check_prefixes(flag: str, entries: list[str] | None) -> None:
     """Every dataset prefix in a (possibly weighted) list must have .bin and .idx files."""
     for entry in entries or []:
         try:
@@ -285,8 +323,10 @@ def _check_prefixes(flag: str, entries: Optional[list[str]]) -> None:
             pass
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(entry + suffix):
-                raise ConfigError(f"{flag} {entry}: {entry}{suffix} not found (give the dataset prefix "
-                                  "without .bin/.idx, as written by 'moe-reg prepare-data')")
+                raise ConfigError(
+                    f"{flag} {entry}: {entry}{suffix} not found (give the dataset prefix "
+                    "without .bin/.idx, as written by 'moe-reg prepare-data')"
+                )
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -296,8 +336,12 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: file not found")
     if d.mock_data:
         return
-    for flag, entries in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
-                          ("--valid-data-path", d.valid_data_path), ("--test-data-path", d.test_data_path)):
+    for flag, entries in (
+        ("--data-path", d.data_path),
+        ("--train-data-path", d.train_data_path),
+        ("--valid-data-path", d.valid_data_path),
+        ("--test-data-path", d.test_data_path),
+    ):
         _check_prefixes(flag, entries)
     if cfg.ckpt.load and not os.path.isdir(cfg.ckpt.load) and cfg.ckpt.load != cfg.ckpt.save:
         raise ConfigError(f"--load {cfg.ckpt.load}: directory not found")
@@ -306,35 +350,47 @@ def check_paths(cfg: RunConfig) -> None:
 def validate(cfg: RunConfig) -> None:
     """Cross-option checks. Each message names the flag and says how to fix it."""
     m, moe, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
-    positive = {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
-                "num_attention_heads": m.num_attention_heads, "seq_length": m.seq_length,
-                "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
-                "moe_router_topk": moe.moe_router_topk, "log_interval": cfg.log.log_interval}
+    positive = {
+        "num_layers": m.num_layers,
+        "hidden_size": m.hidden_size,
+        "num_attention_heads": m.num_attention_heads,
+        "seq_length": m.seq_length,
+        "micro_batch_size": t.micro_batch_size,
+        "global_batch_size": cfg.global_batch_size,
+        "moe_router_topk": moe.moe_router_topk,
+        "log_interval": cfg.log.log_interval,
+    }
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{flags.flag_name(name)} must be >= 1, got {value}")
     if t.train_iters < 0:
         raise ConfigError(f"--train-iters must be >= 0, got {t.train_iters}")
     if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
-                          f"{m.num_attention_heads}")
+        raise ConfigError(
+            f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}"
+        )
     if moe.num_experts is not None:
         if moe.num_experts < 1:
             raise ConfigError(f"--num-experts must be >= 1, got {moe.num_experts}")
         if moe.moe_router_topk > moe.num_experts:
-            raise ConfigError(f"--moe-router-topk {moe.moe_router_topk} exceeds --num-experts "
-                              f"{moe.num_experts}; choose a top-k <= the number of experts")
+            raise ConfigError(
+                f"--moe-router-topk {moe.moe_router_topk} exceeds --num-experts "
+                f"{moe.num_experts}; choose a top-k <= the number of experts"
+            )
         if moe.num_experts % p.expert_model_parallel_size:
-            raise ConfigError(f"--num-experts {moe.num_experts} is not divisible by "
-                              f"--expert-model-parallel-size {p.expert_model_parallel_size}; choose an "
-                              "EP size that divides the number of experts")
+            raise ConfigError(
+                f"--num-experts {moe.num_experts} is not divisible by "
+                f"--expert-model-parallel-size {p.expert_model_parallel_size}; choose an "
+                "EP size that divides the number of experts"
+            )
         if isinstance(moe.moe_layer_freq, list) and len(moe.moe_layer_freq) != m.num_layers:
-            raise ConfigError(f"--moe-layer-freq has {len(moe.moe_layer_freq)} entries but "
-                              f"--num-layers is {m.num_layers}; give one 0/1 per layer")
+            raise ConfigError(
+                f"--moe-layer-freq has {len(moe.moe_layer_freq)} entries but "
+                f"--num-layers is {m.num_layers}; give one 0/1 per layer"
+            )
         if isinstance(moe.moe_layer_freq, int) and moe.moe_layer_freq < 1:
             raise ConfigError("--moe-layer-freq must be >= 1 or a 0/1 list")
-        if moe.moe_router_topk == 1 and moe.moe_router_score_function == "softmax" \
-                and not moe.moe_router_pre_softmax:
+        if moe.moe_router_topk == 1 and moe.moe_router_score_function == "softmax" and not moe.moe_router_pre_softmax:
             raise ConfigError("--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax")
         if moe.moe_router_enable_expert_bias and moe.moe_router_score_function == "softmax":
             raise ConfigError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid")
@@ -350,26 +406,36 @@ def validate(cfg: RunConfig) -> None:
     if p.sequence_parallel and m.seq_length % tp:
         raise ConfigError(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp}")
     if m.num_layers % p.pipeline_model_parallel_size:
-        raise ConfigError(f"--num-layers {m.num_layers} is not divisible by "
-                          f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
+        raise ConfigError(
+            f"--num-layers {m.num_layers} is not divisible by "
+            f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}"
+        )
     per_step = t.micro_batch_size * cfg.data_parallel_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by "
-                          f"--micro-batch-size x data-parallel size = {per_step}")
-    if t.lr_warmup_iters >= t.lr_decay_iters:
-        raise ConfigError(f"--lr-warmup-iters {t.lr_warmup_iters} must be smaller than --lr-decay-iters "
-                          f"{t.lr_decay_iters} (default: --train-iters); lower the warmup or set "
-                          "--lr-decay-iters")
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by "
+            f"--micro-batch-size x data-parallel size = {per_step}"
+        )
+    if t.lr_warmup_iters >= cfg.lr_decay_iters:
+        raise ConfigError(
+            f"--lr-warmup-iters {t.lr_warmup_iters} must be smaller than --lr-decay-iters "
+            f"{t.lr_decay_iters} (default: --train-iters); lower the warmup or set "
+            "--lr-decay-iters"
+        )
     if t.min_lr > t.lr:
         raise ConfigError(f"--min-lr {t.min_lr} exceeds --lr {t.lr}")
     if not d.mock_data and not d.data_path and not d.train_data_path:
-        raise ConfigError("--data-path (or --train-data-path) is required; pass --mock-data to train "
-                          "on random tokens, or build a dataset with 'moe-reg prepare-data'")
+        raise ConfigError(
+            "--data-path (or --train-data-path) is required; pass --mock-data to train "
+            "on random tokens, or build a dataset with 'moe-reg prepare-data'"
+        )
     if d.data_path and d.train_data_path:
         raise ConfigError("give either --data-path with --split, or --train-data-path/--valid-data-path")
     if not d.mock_data and d.tokenizer_type != "NullTokenizer" and not d.tokenizer_model:
-        raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model (the .model "
-                          "file written by 'moe-reg prepare-data')")
+        raise ConfigError(
+            f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model (the .model "
+            "file written by 'moe-reg prepare-data')"
+        )
     if d.tokenizer_type == "NullTokenizer" or (d.mock_data and not d.tokenizer_model):
         if m.vocab_size is None:
             raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer")

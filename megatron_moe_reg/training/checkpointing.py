@@ -30,9 +30,19 @@ CHECKPOINT_VERSION = 1
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 # Options that must match between the checkpoint and the run that loads it.
 ARCHITECTURE_KEYS = {
-    "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-              "kv_channels", "normalization", "swiglu", "add_bias_linear", "position_embedding_type",
-              "untie_embeddings_and_output_weights"),
+    "model": (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "ffn_hidden_size",
+        "kv_channels",
+        "normalization",
+        "swiglu",
+        "add_bias_linear",
+        "position_embedding_type",
+        "untie_embeddings_and_output_weights",
+    ),
     "moe": ("num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size"),
     "plugin": ("moe_router_type", "moe_eigen_rank"),
 }
@@ -55,9 +65,14 @@ def latest_iteration(root: str) -> int | None:
 
 def _parallel_layout(cfg) -> dict:
     p = cfg.parallel
-    return {"world_size": cfg.world_size, "tp": p.tensor_model_parallel_size,
-            "pp": p.pipeline_model_parallel_size, "ep": p.expert_model_parallel_size,
-            "etp": p.expert_tensor_parallel_size, "cp": p.context_parallel_size}
+    return {
+        "world_size": cfg.world_size,
+        "tp": p.tensor_model_parallel_size,
+        "pp": p.pipeline_model_parallel_size,
+        "ep": p.expert_model_parallel_size,
+        "etp": p.expert_tensor_parallel_size,
+        "cp": p.context_parallel_size,
+    }
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -69,6 +84,7 @@ def _parallel_layout(cfg) -> dict:
 # therefore stores only those tensors (a flat map with no layout-specific structure) and the
 # Adam step; loading requests the current optimizer's own tensors, which dist_checkpointing
 # finds by global key and offset whatever layout wrote them.
+
 
 def _walk(node: Any, path: tuple = ()):
     """Yield (path, value) for the leaves of nested dicts/lists."""
@@ -130,8 +146,7 @@ def _set_optimizer_step(structure, step: float) -> None:
 
 def _optimizer_checkpoint(optimizer, model_sd) -> dict:
     structure, leaves = _optimizer_structure(optimizer, model_sd, is_loading=False)
-    return {"tensors": {str(i): leaf for i, (_, leaf) in enumerate(leaves)},
-            "step": _optimizer_step(structure)}
+    return {"tensors": {str(i): leaf for i, (_, leaf) in enumerate(leaves)}, "step": _optimizer_step(structure)}
 
 
 def _get_path(node: Any, path: tuple) -> Any:
@@ -141,8 +156,12 @@ def _get_path(node: Any, path: tuple) -> Any:
 
 
 def _rng_state() -> dict:
-    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": get_cuda_rng_tracker().get_states()}
+    state = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -206,8 +225,10 @@ def _check_architecture(saved: dict, cfg, path: Path) -> None:
             old, new = saved.get(group, {}).get(key), current[group][key]
             if old != new:
                 flag = "--" + key.replace("_", "-")
-                raise ConfigError(f"--load {path}: the checkpoint was written with {flag} {old}, this run "
-                                  f"has {new}; use the checkpoint's value")
+                raise ConfigError(
+                    f"--load {path}: the checkpoint was written with {flag} {old}, this run "
+                    f"has {new}; use the checkpoint's value"
+                )
 
 
 def _drop_restartable(model_sd: dict, path: Path) -> list[str]:
@@ -218,12 +239,16 @@ def _drop_restartable(model_sd: dict, path: Path) -> list[str]:
     available = set(dist_checkpointing.load_tensors_metadata(str(path)))
     dropped = []
     for name, value in list(model_sd.items()):
-        key = getattr(value, "key", None)
-        if not isinstance(value, ShardedTensor) or key in available or key.endswith("_extra_state"):
+        if not isinstance(value, ShardedTensor):
+            continue
+        key = value.key
+        if key in available or key.endswith("_extra_state"):
             continue
         if not key.endswith(RESTARTABLE_SUFFIXES):
-            raise ConfigError(f"--load {path}: the checkpoint has no '{key}'; it was written by a model with "
-                              "other modules (router type, shared experts, ...)")
+            raise ConfigError(
+                f"--load {path}: the checkpoint has no '{key}'; it was written by a model with "
+                "other modules (router type, shared experts, ...)"
+            )
         dropped.append(name)
         del model_sd[name]
     return dropped
@@ -234,8 +259,8 @@ def load_checkpoint(ctx) -> tuple[int, int]:
     scheduler, RNG). Returns (iteration, consumed)."""
     ck = ctx.cfg.ckpt
     iteration = latest_iteration(ck.load) if ck.ckpt_step is None else ck.ckpt_step
-    if ck.ckpt_step is not None and not iteration_dir(ck.load, iteration).is_dir():
-        raise ConfigError(f"--ckpt-step {iteration}: {iteration_dir(ck.load, iteration)} not found")
+    if ck.ckpt_step is not None and not iteration_dir(ck.load, ck.ckpt_step).is_dir():
+        raise ConfigError(f"--ckpt-step {ck.ckpt_step}: {iteration_dir(ck.load, ck.ckpt_step)} not found")
     if iteration is None:
         if ck.load == ck.save:  # resuming into the same directory: nothing written yet
             print_rank0(f"no checkpoint in {ck.load}; starting from scratch")
@@ -262,8 +287,10 @@ def load_checkpoint(ctx) -> tuple[int, int]:
     result = ctx.gpt_model.load_state_dict(state["model"], strict=not restarted)
     if restarted:
         assert set(result.missing_keys) <= set(restarted) and not result.unexpected_keys, result
-        print_rank0(f"note: {len(restarted)} power-iteration vectors are not in the checkpoint; "
-                    "they start afresh from the loaded weights")
+        print_rank0(
+            f"note: {len(restarted)} power-iteration vectors are not in the checkpoint; "
+            "they start afresh from the loaded weights"
+        )
     if load_optim:
         loaded = state["optimizer"]
         for i, (where, _) in enumerate(leaves):

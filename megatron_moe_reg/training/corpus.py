@@ -13,16 +13,27 @@ import hashlib
 import json
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from megatron_moe_reg.errors import ConfigError
 
-EXCLUDED_TOP_LEVEL = frozenset({
-    "site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo", "lib2to3",
-    "ensurepip", "encodings", "__pycache__", "config-" + sys.version[:4],
-})
+EXCLUDED_TOP_LEVEL = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "encodings",
+        "__pycache__",
+        "config-" + sys.version[:4],
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -80,12 +91,12 @@ def user_corpus(paths: list[str], json_key: str = "text", domain_key: str = "dom
                     except json.JSONDecodeError:
                         raise ConfigError(f"--input {name}:{lineno}: not a JSON object") from None
                     if not isinstance(record, dict) or json_key not in record:
-                        raise ConfigError(f"--input {name}:{lineno}: no '{json_key}' field "
-                                          "(set --json-key)")
+                        raise ConfigError(f"--input {name}:{lineno}: no '{json_key}' field (set --json-key)")
                     text = str(record[json_key])
                     if text.strip():
-                        yield Document(text=text, domain=str(record.get(domain_key, path.stem)),
-                                       source=f"{path}:{lineno}")
+                        yield Document(
+                            text=text, domain=str(record.get(domain_key, path.stem)), source=f"{path}:{lineno}"
+                        )
         else:
             raise ConfigError(f"--input {name}: expected a .txt or .jsonl file")
 

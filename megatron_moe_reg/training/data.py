@@ -4,8 +4,7 @@ and micro-batch loaders with Megatron-LM's sample order."""
 from __future__ import annotations
 
 import logging
-
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -19,7 +18,7 @@ from megatron_moe_reg.training.distributed import on_gpu
 
 def dataset_sizes(cfg: RunConfig) -> list[int]:
     """Samples to draw per split: every training step, and one fixed validation/test set."""
-    gbs = cfg.train.global_batch_size
+    gbs = cfg.global_batch_size
     return [cfg.train.train_iters * gbs, cfg.eval.eval_iters * gbs, cfg.eval.eval_iters * gbs]
 
 
@@ -27,14 +26,23 @@ def build_datasets(cfg: RunConfig, tokenizer) -> tuple:
     d = cfg.data
     blend_per_split = None
     if d.train_data_path:
-        blend_per_split = [get_blend_from_list(d.train_data_path), get_blend_from_list(d.valid_data_path),
-                           get_blend_from_list(d.test_data_path)]
+        blend_per_split = [
+            get_blend_from_list(d.train_data_path),
+            get_blend_from_list(d.valid_data_path),
+            get_blend_from_list(d.test_data_path),
+        ]
     config = GPTDatasetConfig(
-        random_seed=cfg.train.seed, sequence_length=cfg.model.seq_length,
-        blend=get_blend_from_list(d.data_path), blend_per_split=blend_per_split,
-        split=d.split if d.data_path else None, path_to_cache=d.data_cache_path,
-        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False,
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=get_blend_from_list(d.data_path),
+        blend_per_split=blend_per_split,
+        split=d.split if d.data_path else None,
+        path_to_cache=d.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
     )
     cls = MockGPTDataset if d.mock_data else GPTDataset
     gpt_logger = logging.getLogger(GPTDataset.__module__)
@@ -42,8 +50,7 @@ def build_datasets(cfg: RunConfig, tokenizer) -> tuple:
     if d.mock_data:  # mock indices are never cached; megatron warns about that on every build
         gpt_logger.setLevel(logging.ERROR)
     try:
-        train, valid, test = BlendedMegatronDatasetBuilder(
-            cls, dataset_sizes(cfg), lambda: True, config).build()
+        train, valid, test = BlendedMegatronDatasetBuilder(cls, dataset_sizes(cfg), lambda: True, config).build()
     finally:
         gpt_logger.setLevel(level)
     return train, valid, test
@@ -53,8 +60,7 @@ class MicroBatchSampler:
     """Megatron-LM's pretraining order: each step consumes ``global_batch`` consecutive samples;
     micro-batch ``m`` of DP rank ``r`` is ``start + m*mbs*dp + [r*mbs, (r+1)*mbs)``."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int):
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
         self.total, self.consumed = total_samples, consumed_samples
         self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
 
@@ -68,16 +74,26 @@ class MicroBatchSampler:
             yield list(range(first, first + self.mbs))
 
 
-def make_loader(dataset, cfg: RunConfig, consumed_samples: int = 0,
-                total_samples: Optional[int] = None) -> Optional[torch.utils.data.DataLoader]:
+def make_loader(
+    dataset, cfg: RunConfig, consumed_samples: int = 0, total_samples: int | None = None
+) -> torch.utils.data.DataLoader | None:
     if dataset is None:
         return None
     total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
-    sampler = MicroBatchSampler(total, consumed_samples, cfg.train.micro_batch_size,
-                                parallel_state.get_data_parallel_rank(),
-                                parallel_state.get_data_parallel_world_size())
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                       pin_memory=on_gpu(), persistent_workers=cfg.data.num_workers > 0)
+    sampler = MicroBatchSampler(
+        total,
+        consumed_samples,
+        cfg.train.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=on_gpu(),
+        persistent_workers=cfg.data.num_workers > 0,
+    )
 
 
 def needs_data() -> bool:
@@ -85,7 +101,7 @@ def needs_data() -> bool:
     return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
 
 
-def batch_to_device(batch: Optional[dict]) -> dict:
+def batch_to_device(batch: dict | None) -> dict:
     """Move a micro-batch to the device and keep what this pipeline stage needs."""
     keys = ("tokens", "labels", "loss_mask", "position_ids")
     if batch is None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_moe_reg.integration import cpu_runtime
+from megatron_moe_reg.integration.megatron import cpu_runtime
 
 
 def on_gpu() -> bool:
@@ -36,8 +36,9 @@ def init_process_group(backend: str = "auto", timeout_minutes: int = 10) -> None
     if "RANK" in os.environ:  # torchrun / Slurm (env://)
         dist.init_process_group(backend=backend, timeout=timeout)
     else:  # launched alone: a private world of one, without touching the environment
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
 
 
 def initialize(cfg) -> None:

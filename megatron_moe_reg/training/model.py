@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,14 +13,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_reg.errors import ConfigError
-from megatron_moe_reg.integration.spec import gpt_block_spec
+from megatron_moe_reg.integration.megatron.spec import gpt_block_spec
 from megatron_moe_reg.training.arguments import RunConfig
 from megatron_moe_reg.training.distributed import on_gpu
 
 
 def te_available() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine  # noqa: F401  # importable at all: the import is the test
     except ImportError:
         return False
     return True
@@ -30,49 +31,10 @@ def use_transformer_engine(cfg: RunConfig) -> bool:
     if impl == "auto":
         return on_gpu() and te_available()
     if impl == "transformer_engine" and not (on_gpu() and te_available()):
-        raise ConfigError("--transformer-impl transformer_engine needs a GPU and TransformerEngine; "
-                          "use --transformer-impl local")
+        raise ConfigError(
+            "--transformer-impl transformer_engine needs a GPU and TransformerEngine; use --transformer-impl local"
+        )
     return impl == "transformer_engine"
-
-
-def experts_backend(cfg: RunConfig, use_te: bool) -> tuple[str, str]:
-    """(experts implementation, how it was chosen): ``--moe-grouped-gemm-backend``, with ``auto``
-    measured on this device at this run's per-rank expert shape (``experts.selection``) among
-    triton, torch and sequential (torch and sequential on CPU) for bias-free SwiGLU experts, rank 0's
-    choice shared by every rank; sequential for other experts."""
-    backend = cfg.plugin.moe_grouped_gemm_backend
-    if not cfg.moe.num_experts:
-        return "sequential", ""
-    if backend == "sequential" and cfg.moe.moe_grouped_gemm:
-        return "te", ""
-    if backend != "auto":
-        return backend, ""
-    if not cfg.model.swiglu or cfg.model.add_bias_linear:
-        return "sequential", "auto: the grouped backends need bias-free SwiGLU experts"
-    if "moe_act" in (cfg.parallel.recompute_modules or []):
-        return "sequential", "auto: --recompute-modules moe_act recomputes SequentialMLP's activation"
-    return _measured_backend(cfg)
-
-
-def _measured_backend(cfg: RunConfig) -> tuple[str, str]:
-    import torch.distributed as dist
-
-    from megatron_moe_reg.experts.selection import ExpertShape, fastest_backend
-
-    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
-    candidates = ["triton", "torch", "sequential"] if on_gpu() else ["torch", "sequential"]
-    shape = ExpertShape(num_experts=moe.num_experts // p.expert_model_parallel_size, hidden=m.hidden_size,
-                        ffn=moe.moe_ffn_hidden_size // p.expert_tensor_parallel_size,
-                        rows=t.micro_batch_size * m.seq_length // p.context_parallel_size * moe.moe_router_topk)
-    choice = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        best, times = fastest_backend(candidates, shape, device, torch.bfloat16 if t.bf16 else torch.float32)
-        measured = ", ".join(f"{b} {1e3 * s:.1f} ms" for b, s in sorted(times.items(), key=lambda kv: kv[1]))
-        choice = [(best, f"auto, measured fwd+bwd on rank 0: {measured}")]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
 
 
 def padded_vocab_size(vocab_size: int, cfg: RunConfig) -> int:
@@ -85,21 +47,35 @@ def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential"
     m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
     gpu = on_gpu()
     if p.context_parallel_size > 1 and not use_te:
-        raise ConfigError("--context-parallel-size > 1 needs TransformerEngine attention "
-                          "(--transformer-impl transformer_engine on GPU)")
+        raise ConfigError(
+            "--context-parallel-size > 1 needs TransformerEngine attention "
+            "(--transformer-impl transformer_engine on GPU)"
+        )
     if experts == "te" and not use_te:
-        raise ConfigError("--moe-grouped-gemm / --moe-grouped-gemm-backend te need TransformerEngine (GPU); "
-                          "without it use --moe-grouped-gemm-backend sequential, triton or torch")
+        raise ConfigError(
+            "--moe-grouped-gemm / --moe-grouped-gemm-backend te need TransformerEngine (GPU); "
+            "without it use --moe-grouped-gemm-backend sequential, triton or torch"
+        )
     dtype = torch.bfloat16 if t.bf16 else torch.float32
-    kwargs = dict(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-        kv_channels=m.kv_channels, hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout, normalization=m.normalization,
-        layernorm_epsilon=m.norm_epsilon, gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=m.add_bias_linear,
+    kwargs: dict[str, Any] = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.kv_channels,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        add_bias_linear=m.add_bias_linear,
         init_method_std=m.init_method_std,
-        bf16=t.bf16, params_dtype=dtype, pipeline_dtype=dtype, autocast_dtype=dtype,
+        bf16=t.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
@@ -107,12 +83,16 @@ def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential"
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         sequence_parallel=p.sequence_parallel,
         calculate_per_token_loss=t.calculate_per_token_loss,
-        recompute_granularity=p.recompute_granularity, recompute_method=p.recompute_method,
+        recompute_granularity=p.recompute_granularity,
+        recompute_method=p.recompute_method,
         recompute_num_layers=p.recompute_num_layers,
         use_cpu_initialization=not gpu,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=gpu and m.swiglu, bias_dropout_fusion=gpu,
-        masked_softmax_fusion=gpu, apply_rope_fusion=False, persist_layer_norm=False,
+        bias_activation_fusion=gpu and m.swiglu,
+        bias_dropout_fusion=gpu,
+        masked_softmax_fusion=gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
     )
     if p.recompute_modules is not None:
         kwargs["recompute_modules"] = p.recompute_modules
@@ -127,14 +107,24 @@ def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential"
         raise ConfigError(f"megatron-core rejected the model configuration: {e}") from None
 
 
-def build_gpt_model(cfg: RunConfig, config: TransformerConfig, vocab_size: int, use_te: bool,
-                    router=None, experts=None, grouped_backend=None) -> GPTModel:
+def build_gpt_model(
+    cfg: RunConfig,
+    config: TransformerConfig,
+    vocab_size: int,
+    use_te: bool,
+    router=None,
+    experts=None,
+    grouped_backend=None,
+) -> GPTModel:
     """GPTModel for this pipeline stage, from Megatron's spec with plugin modules swapped in."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    spec = gpt_block_spec(config, use_te, router=router, experts=experts, grouped_backend=grouped_backend,
-                          pp_rank=pp_rank)
+    spec = gpt_block_spec(
+        config, use_te, router=router, experts=experts, grouped_backend=grouped_backend, pp_rank=pp_rank
+    )
     model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(vocab_size, cfg),
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(vocab_size, cfg),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -163,13 +153,6 @@ def wrap_model(cfg: RunConfig, config: TransformerConfig, model: torch.nn.Module
     return [ddp]
 
 
-def unwrap(model_chunk: torch.nn.Module) -> GPTModel:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model_chunk, "module"):
-        model_chunk = model_chunk.module
-    return model_chunk
-
-
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """Global (total, expert) parameter counts: local counts summed over all ranks, divided by
     the number of replicas (data-parallel for dense weights, expert-data-parallel for experts)."""
@@ -178,8 +161,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     named = list(model.named_parameters())
     expert = sum(p.numel() for name, p in named if ".experts." in name and "shared_experts" not in name)
     dense = sum(p.numel() for _, p in named) - expert
-    counts = torch.tensor([dense, expert], dtype=torch.float64,
-                          device=torch.cuda.current_device() if on_gpu() else "cpu")
+    counts = torch.tensor(
+        [dense, expert], dtype=torch.float64, device=torch.cuda.current_device() if on_gpu() else "cpu"
+    )
     dist.all_reduce(counts)
     dense_total = counts[0] / parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     expert_total = counts[1] / parallel_state.get_expert_data_parallel_world_size()

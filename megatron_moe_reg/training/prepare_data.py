@@ -21,8 +21,8 @@ import numpy as np
 
 from megatron_moe_reg import __version__
 from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.flags import OneLineErrorParser
 from megatron_moe_reg.training import corpus
-from megatron_moe_reg.training.flags import OneLineErrorParser
 from megatron_moe_reg.training.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 SPLITS = ("train", "valid")
@@ -43,21 +43,23 @@ class PrepareOptions:
 
 
 def build_parser() -> OneLineErrorParser:
-    p = OneLineErrorParser(prog="moe-reg prepare-data",
-                           description="Build a tokenizer and Megatron indexed datasets.")
+    p = OneLineErrorParser(prog="moe-reg prepare-data", description="Build a tokenizer and Megatron indexed datasets.")
     p.add_argument("--output-dir", required=True, help="directory to write into")
-    p.add_argument("--input", nargs="+", help=".txt/.jsonl files (default: the embedded corpus, "
-                   "this Python's standard-library source)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        help=".txt/.jsonl files (default: the embedded corpus, this Python's standard-library source)",
+    )
     p.add_argument("--tokenizer-model", help="use this SentencePiece model instead of training one")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer")
     p.add_argument("--valid-fraction", type=float, default=0.05, help="held-out share of documents")
     p.add_argument("--json-key", default="text", help="text field of .jsonl records")
     p.add_argument("--domain-key", default="domain", help="domain field of .jsonl records")
     p.add_argument("--max-documents", type=int, help="use only the first N documents")
-    p.add_argument("--tokenizer-sample-lines", type=int, default=200_000,
-                   help="lines (evenly spaced) used to train the tokenizer")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset in --output-dir built from other inputs")
+    p.add_argument(
+        "--tokenizer-sample-lines", type=int, default=200_000, help="lines (evenly spaced) used to train the tokenizer"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset in --output-dir built from other inputs")
     return p
 
 
@@ -69,8 +71,7 @@ def _validate(o: PrepareOptions) -> None:
     if not 0.0 < o.valid_fraction < 1.0:
         raise ConfigError(f"--valid-fraction must be in (0, 1), got {o.valid_fraction}")
     if o.tokenizer_model is None and o.vocab_size < 300:
-        raise ConfigError(f"--vocab-size {o.vocab_size} is too small for a byte-fallback tokenizer "
-                          "(>= 300)")
+        raise ConfigError(f"--vocab-size {o.vocab_size} is too small for a byte-fallback tokenizer (>= 300)")
     if o.max_documents is not None and o.max_documents < 2:
         raise ConfigError("--max-documents must be >= 2 (one for training, one held out)")
 
@@ -88,8 +89,7 @@ def _fingerprint(o: PrepareOptions) -> dict:
     if o.tokenizer_model:
         files = files + [Path(o.tokenizer_model)]
     options = {k: v for k, v in asdict(o).items() if k not in ("output_dir", "overwrite")}
-    return {"version": __version__, "source": source, "options": options,
-            "files_sha1": corpus.fingerprint_files(files)}
+    return {"version": __version__, "source": source, "options": options, "files_sha1": corpus.fingerprint_files(files)}
 
 
 def _tokenizer_lines(docs: list[corpus.Document], limit: int) -> list[str]:
@@ -110,7 +110,7 @@ def _write_split(docs: list[corpus.Document], tokenizer: SentencePieceTokenizer,
     n_tokens = 0
     batch = 256
     for start in range(0, len(docs), batch):
-        chunk = docs[start:start + batch]
+        chunk = docs[start : start + batch]
         for ids in tokenizer.tokenize_many([d.text for d in chunk]):
             ids = ids + [tokenizer.eod]
             builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
@@ -118,11 +118,15 @@ def _write_split(docs: list[corpus.Document], tokenizer: SentencePieceTokenizer,
     builder.finalize(prefix + ".idx")
     names = sorted({d.domain for d in docs})
     index = {n: i for i, n in enumerate(names)}
-    Path(prefix + ".domains.json").write_text(json.dumps({
-        "names": names,
-        "document_domains": [index[d.domain] for d in docs],
-        "document_sources": [d.source for d in docs],
-    }))
+    Path(prefix + ".domains.json").write_text(
+        json.dumps(
+            {
+                "names": names,
+                "document_domains": [index[d.domain] for d in docs],
+                "document_sources": [d.source for d in docs],
+            }
+        )
+    )
     return n_tokens
 
 
@@ -134,22 +138,23 @@ def prepare(o: PrepareOptions, log=print) -> dict:
     fingerprint = _fingerprint(o)
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fingerprint and all(
-                Path(p).is_file() for p in manifest["files"]):
+        if manifest.get("fingerprint") == fingerprint and all(Path(p).is_file() for p in manifest["files"]):
             log(f"reusing the dataset in {out} (same inputs and options)")
             return manifest
         if not o.overwrite:
-            raise ConfigError(f"--output-dir {out} holds a dataset built from other inputs or options; "
-                              "choose another --output-dir or pass --overwrite")
+            raise ConfigError(
+                f"--output-dir {out} holds a dataset built from other inputs or options; "
+                "choose another --output-dir or pass --overwrite"
+            )
     elif out.exists() and any(out.iterdir()) and not o.overwrite:
-        raise ConfigError(f"--output-dir {out} is not empty and holds no dataset manifest; "
-                          "choose an empty or new directory")
+        raise ConfigError(
+            f"--output-dir {out} is not empty and holds no dataset manifest; choose an empty or new directory"
+        )
 
     started = time.time()
-    docs = list(corpus.user_corpus(o.input, o.json_key, o.domain_key) if o.input
-                else corpus.embedded_corpus())
+    docs = list(corpus.user_corpus(o.input, o.json_key, o.domain_key) if o.input else corpus.embedded_corpus())
     if o.max_documents is not None:
-        docs = docs[:o.max_documents]
+        docs = docs[: o.max_documents]
     split_docs = {"valid": [d for d in docs if corpus.is_validation(d, o.valid_fraction)]}
     split_docs["train"] = [d for d in docs if not corpus.is_validation(d, o.valid_fraction)]
     if not split_docs["valid"]:  # tiny inputs: hold out the last document
@@ -165,8 +170,9 @@ def prepare(o: PrepareOptions, log=print) -> dict:
         tokenizer_path = str(Path(o.tokenizer_model).resolve())
     else:
         log(f"training a {o.vocab_size}-piece SentencePiece tokenizer on {len(split_docs['train'])} documents")
-        train_sentencepiece(_tokenizer_lines(split_docs["train"], o.tokenizer_sample_lines),
-                            str(tmp / "tokenizer"), o.vocab_size)
+        train_sentencepiece(
+            _tokenizer_lines(split_docs["train"], o.tokenizer_sample_lines), str(tmp / "tokenizer"), o.vocab_size
+        )
         tokenizer_path = str(tmp / "tokenizer.model")
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     counts = {}
@@ -185,9 +191,13 @@ def prepare(o: PrepareOptions, log=print) -> dict:
     if not o.tokenizer_model:
         tokenizer_path = str(out / "tokenizer.model")
     manifest = {
-        "fingerprint": fingerprint, "files": files, "tokenizer_model": tokenizer_path,
-        "vocab_size": tokenizer.vocab_size, "splits": counts,
-        "train_data_path": dataset_prefix(out, "train"), "valid_data_path": dataset_prefix(out, "valid"),
+        "fingerprint": fingerprint,
+        "files": files,
+        "tokenizer_model": tokenizer_path,
+        "vocab_size": tokenizer.vocab_size,
+        "splits": counts,
+        "train_data_path": dataset_prefix(out, "train"),
+        "valid_data_path": dataset_prefix(out, "valid"),
         "seconds": round(time.time() - started, 1),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2))
@@ -195,9 +205,11 @@ def prepare(o: PrepareOptions, log=print) -> dict:
 
 
 def pretrain_flags(manifest: dict) -> str:
-    return (f"--tokenizer-model {manifest['tokenizer_model']} "
-            f"--train-data-path {manifest['train_data_path']} "
-            f"--valid-data-path {manifest['valid_data_path']}")
+    return (
+        f"--tokenizer-model {manifest['tokenizer_model']} "
+        f"--train-data-path {manifest['train_data_path']} "
+        f"--valid-data-path {manifest['valid_data_path']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

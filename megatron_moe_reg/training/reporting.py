@@ -7,10 +7,8 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from megatron_moe_reg.training.distributed import is_rank0
-
 
 CONSOLE_METRICS = frozenset({"routing_entropy", "load_max_violation", "dead_experts", "pes"})
 
@@ -46,8 +44,9 @@ class Reporter:
         if cfg.log.progress_bar and sys.stderr.isatty():  # plain lines in logs and batch jobs
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=cfg.train.train_iters, initial=start_iteration, unit="step",
-                            dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=cfg.train.train_iters, initial=start_iteration, unit="step", dynamic_ncols=True, leave=True
+            )
 
     def _print(self, line: str) -> None:
         if self.bar is not None:
@@ -69,8 +68,7 @@ class Reporter:
             self.writer.add_scalar("throughput/tokens-per-second", tokens_per_s, iteration)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({"loss": f"{metrics['lm loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"},
-                                 refresh=False)
+            self.bar.set_postfix({"loss": f"{metrics['lm loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}, refresh=False)
         if iteration % self.cfg.log.log_interval == 0 or iteration == self.cfg.train.train_iters:
             self._flush(iteration)
 
@@ -78,15 +76,20 @@ class Reporter:
         window, self._window = self._window, []
         if not window:
             return
-        keys = dict.fromkeys(k for w in window for k, v in w.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool))
+        keys = dict.fromkeys(
+            k for w in window for k, v in w.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
         avg = {}
         for k in keys:  # some metrics (measurements) exist only on some steps
             values = [w[k] for w in window if k in w]
             avg[k] = sum(values) / len(values)
         avg["skipped"] = sum(int(w.get("skipped", False)) for w in window)
-        parts = [f"iteration {iteration:>6d}/{self.cfg.train.train_iters}",
-                 f"lm loss {avg['lm loss']:.4f}", f"lr {avg['lr']:.3e}", f"grad norm {avg['grad norm']:.3f}"]
+        parts = [
+            f"iteration {iteration:>6d}/{self.cfg.train.train_iters}",
+            f"lm loss {avg['lm loss']:.4f}",
+            f"lr {avg['lr']:.3e}",
+            f"grad norm {avg['grad norm']:.3f}",
+        ]
         shown = {"lm loss", "lr", "grad norm", "tokens", "tokens/s", "step seconds", "skipped"}
         parts += [f"{k} {v:.5g}" for k, v in avg.items() if k not in shown and not _detail(k)]
         parts += [f"tokens/s {avg['tokens/s']:,.0f}", f"ms/step {1000 * avg['step seconds']:.0f}"]
@@ -96,17 +99,18 @@ class Reporter:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"iteration": iteration, **avg}) + "\n")
 
-    def evaluation(self, iteration: int, result: Optional[dict]) -> None:
+    def evaluation(self, iteration: int, result: dict | None) -> None:
         if not self.rank0 or result is None:
             return
-        self._print(f"validation at iteration {iteration} | loss {result['loss']:.4f} | "
-                    f"perplexity {result['ppl']:.2f}")
+        self._print(f"validation at iteration {iteration} | loss {result['loss']:.4f} | perplexity {result['ppl']:.2f}")
         if self.writer is not None:
             self.writer.add_scalar("validation/lm loss", result["loss"], iteration)
             self.writer.add_scalar("validation/perplexity", result["ppl"], iteration)
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"iteration": iteration, "validation loss": result["loss"],
-                                         "validation ppl": result["ppl"]}) + "\n")
+            self.jsonl.write(
+                json.dumps({"iteration": iteration, "validation loss": result["loss"], "validation ppl": result["ppl"]})
+                + "\n"
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -14,21 +14,32 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe_reg.training.data import batch_to_device
 
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from torch.utils.data import Dataset
+
+    from megatron_moe_reg.integration.install import Regularizers
+    from megatron_moe_reg.training.arguments import RunConfig
+    from megatron_moe_reg.training.tokenizer import Tokenizer
+
 
 @dataclass
 class TrainingContext:
-    """Everything a step needs; built once by ``pretrain.setup``."""
+    """Everything a step needs; built once by ``trainer.setup``."""
 
-    cfg: Any
-    config: Any  # megatron TransformerConfig
-    model: list  # DDP-wrapped model chunks
-    gpt_model: Any  # the GPTModel inside chunk 0
-    optimizer: Any
-    scheduler: Any
-    tokenizer: Any
-    datasets: tuple = (None, None, None)
-    writer: Any = None
-    extras: dict = field(default_factory=dict)
+    cfg: RunConfig
+    config: TransformerConfig
+    model: list[DistributedDataParallel]  # the wrapped model chunks
+    gpt_model: GPTModel  # the GPTModel inside chunk 0
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    tokenizer: Tokenizer
+    datasets: tuple[Dataset | None, Dataset | None, Dataset | None] = (None, None, None)
+    regularizers: Regularizers | None = None  # None when no plugin module is installed
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -74,10 +85,15 @@ def _reduce_lm_loss(losses_reduced: list[dict]) -> tuple[float, float]:
 def _run_schedule(ctx: TrainingContext, data_iterator, forward_only: bool):
     cfg = ctx.cfg
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data_iterator, model=ctx.model,
-        num_microbatches=cfg.num_microbatches, seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size, decoder_seq_length=cfg.model.seq_length,
-        forward_only=forward_only)
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=ctx.model,
+        num_microbatches=cfg.num_microbatches,
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        decoder_seq_length=cfg.model.seq_length,
+        forward_only=forward_only,
+    )
 
 
 def train_step(ctx: TrainingContext, data_iterator) -> dict:
@@ -90,13 +106,17 @@ def train_step(ctx: TrainingContext, data_iterator) -> dict:
     if update_successful:
         ctx.scheduler.step(increment=1)
     loss_sum, tokens = _reduce_lm_loss(losses_reduced)
-    return {"lm loss": loss_sum / max(tokens, 1.0), "tokens": tokens,
-            "grad norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "skipped": not update_successful, "lr": ctx.optimizer.param_groups[0]["lr"]}
+    return {
+        "lm loss": loss_sum / max(tokens, 1.0),
+        "tokens": tokens,
+        "grad norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "skipped": not update_successful,
+        "lr": ctx.optimizer.param_groups[0]["lr"],
+    }
 
 
 @torch.no_grad()
-def evaluate(ctx: TrainingContext, make_iterator, iters: int) -> Optional[dict]:
+def evaluate(ctx: TrainingContext, make_iterator, iters: int) -> dict | None:
     """Mean validation loss and perplexity over ``iters`` global batches."""
     for chunk in ctx.model:
         chunk.eval()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
 
@@ -33,7 +33,8 @@ class SentencePieceTokenizer:
         self.model_path = str(path)
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
         self.unique_identifiers = OrderedDict(
-            [("class", type(self).__name__), ("model_sha1", digest), ("vocab_size", self.vocab_size)])
+            [("class", type(self).__name__), ("model_sha1", digest), ("vocab_size", self.vocab_size)]
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -93,27 +94,49 @@ def train_sentencepiece(sentences: Iterable[str], model_prefix: str, vocab_size:
     """
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_prefix=model_prefix, vocab_size=vocab_size,
-            model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, byte_fallback=True, split_digits=True,
-            allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], max_sentencepiece_length=16,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, minloglevel=2,
-            num_threads=2, train_extremely_large_corpus=False,
+            sentence_iterator=iter(sentences),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],
+            max_sentencepiece_length=16,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            minloglevel=2,
+            num_threads=2,
+            train_extremely_large_corpus=False,
         )
     except RuntimeError as e:
         most = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
         least = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
         if most:
-            raise ConfigError(f"--vocab-size {vocab_size} is more than the training text yields "
-                              f"({most.group(1)} pieces); lower --vocab-size or add documents") from None
+            raise ConfigError(
+                f"--vocab-size {vocab_size} is more than the training text yields "
+                f"({most.group(1)} pieces); lower --vocab-size or add documents"
+            ) from None
         if least:
-            raise ConfigError(f"--vocab-size {vocab_size} is less than the {least.group(1)} pieces the text's "
-                              "characters and the 256 byte pieces need; raise --vocab-size") from None
+            raise ConfigError(
+                f"--vocab-size {vocab_size} is less than the {least.group(1)} pieces the text's "
+                "characters and the 256 byte pieces need; raise --vocab-size"
+            ) from None
         raise
     return model_prefix + ".model"
 
 
-def build_tokenizer(data_args, vocab_size: int | None):
+Tokenizer = SentencePieceTokenizer | NullTokenizer
+
+
+def build_tokenizer(data_args, vocab_size: int | None) -> Tokenizer:
     if data_args.tokenizer_type == "NullTokenizer" or (data_args.mock_data and not data_args.tokenizer_model):
+        if vocab_size is None:
+            raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer")
         return NullTokenizer(vocab_size)
     return SentencePieceTokenizer(data_args.tokenizer_model)

@@ -3,46 +3,61 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_moe_reg.integration import compat
-from megatron_moe_reg.integration.install import install
-from megatron_moe_reg.routers import router_class
-from megatron_moe_reg.training import checkpointing, distributed, model as model_lib
+from megatron_moe_reg.experts.selection import choose_backend
+from megatron_moe_reg.integration.install import StepPolicy, install, router_builder
+from megatron_moe_reg.integration.megatron import compat
+from megatron_moe_reg.training import checkpointing, distributed
+from megatron_moe_reg.training import model as model_lib
 from megatron_moe_reg.training.arguments import RunConfig
 from megatron_moe_reg.training.data import build_datasets, make_loader, needs_data
 from megatron_moe_reg.training.reporting import Reporter
 from megatron_moe_reg.training.step import TrainingContext, evaluate, train_step
 from megatron_moe_reg.training.tokenizer import build_tokenizer
 
-_AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
-                   "global_aux_loss": "global_load_balancing_loss"}
+_AUX_LOSS_NAMES = {
+    "aux_loss": "load_balancing_loss",
+    "seq_aux_loss": "seq_load_balancing_loss",
+    "global_aux_loss": "global_load_balancing_loss",
+}
 
 
 def build_optimizer(cfg: RunConfig, model_chunks: list):
     t = cfg.train
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=model_chunks[0].config.params_dtype,
-        use_distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
-    ), model_chunks)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=t.bf16,
+            params_dtype=model_chunks[0].config.params_dtype,
+            use_distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
+        ),
+        model_chunks,
+    )
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_steps=t.lr_decay_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
-        end_wd=t.weight_decay, wd_incr_steps=max(t.train_iters, 1), wd_incr_style="constant")
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.lr_decay_iters,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(t.train_iters, 1),
+        wd_incr_style="constant",
+    )
     return optimizer, scheduler
-
-
-def plugin_router(cfg: RunConfig):
-    """The router builder for the MoE layers: the plugin's when any plugin feature is on."""
-    if not cfg.moe.num_experts or not cfg.plugin.any_enabled:
-        return None
-    return compat.router_builder(router_class(cfg.plugin.moe_router_type), plugin=cfg.plugin)
 
 
 def setup(cfg: RunConfig, experts=None) -> TrainingContext:
@@ -51,13 +66,16 @@ def setup(cfg: RunConfig, experts=None) -> TrainingContext:
     distributed.initialize(cfg)
     use_te = model_lib.use_transformer_engine(cfg)
     tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size)
-    experts_backend, experts_choice = model_lib.experts_backend(cfg, use_te)
+    shape = cfg.model_shape()
+    experts_backend, experts_choice = choose_backend(cfg.plugin.moe_grouped_gemm_backend, shape)
     config = model_lib.transformer_config(cfg, use_te, experts_backend)
+    router = router_builder(cfg.plugin, shape)
     gpt = model_lib.build_gpt_model(
-        cfg, config, tokenizer.vocab_size, use_te, router=plugin_router(cfg), experts=experts,
-        grouped_backend=experts_backend)
+        cfg, config, tokenizer.vocab_size, use_te, router=router, experts=experts, grouped_backend=experts_backend
+    )
     chunks = model_lib.wrap_model(cfg, config, gpt)
-    regularizers = install(chunks, cfg.plugin) if plugin_router(cfg) is not None else None
+    policy = StepPolicy.of(cfg.plugin, cfg.log.log_interval)
+    regularizers = install(chunks, cfg.plugin, policy) if router is not None else None
     optimizer, scheduler = build_optimizer(cfg, chunks)
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = chunks[0].no_sync
@@ -69,25 +87,34 @@ def setup(cfg: RunConfig, experts=None) -> TrainingContext:
     if experts_choice:
         distributed.print_rank0(f"experts: {experts_backend} ({experts_choice})")
     if regularizers is not None and regularizers.skipped_coupling_pairs:
-        distributed.print_rank0(f"note: coupling pairs {regularizers.skipped_coupling_pairs} straddle a "
-                                "pipeline stage without MoE layers and are skipped")
-    return TrainingContext(cfg=cfg, config=config, model=chunks, gpt_model=gpt, optimizer=optimizer,
-                           scheduler=scheduler, tokenizer=tokenizer, datasets=datasets,
-                           extras={"regularizers": regularizers})
+        distributed.print_rank0(
+            f"note: coupling pairs {regularizers.skipped_coupling_pairs} straddle a "
+            "pipeline stage without MoE layers and are skipped"
+        )
+    return TrainingContext(
+        cfg=cfg,
+        config=config,
+        model=chunks,
+        gpt_model=gpt,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        datasets=datasets,
+        regularizers=regularizers,
+    )
 
 
 def _print_summary(cfg: RunConfig, config, gpt, tokenizer, use_te: bool, experts_backend: str) -> None:
     from megatron.core import parallel_state as ps
 
-    from megatron_moe_reg.integration import cpu_runtime
+    from megatron_moe_reg.integration.megatron import cpu_runtime
 
     total, expert = model_lib.count_parameters(gpt)
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
-    device = ("GPU (nccl)" if distributed.on_gpu()
-              else "CPU (gloo, CPU runtime layer)" if cpu_runtime.is_active() else "CPU")
-    n_moe = sum(1 for layer in range(m.num_layers)
-                if (moe.moe_layer_freq[layer] if isinstance(moe.moe_layer_freq, list)
-                    else layer % moe.moe_layer_freq == 0)) if moe.num_experts else 0
+    device = (
+        "GPU (nccl)" if distributed.on_gpu() else "CPU (gloo, CPU runtime layer)" if cpu_runtime.is_active() else "CPU"
+    )
+    n_moe = cfg.model_shape().num_moe_layers
     active = total - expert + (expert * moe.moe_router_topk // moe.num_experts if moe.num_experts else 0)
     distributed.print_rank0(
         f"megatron-core {compat.MCORE_VERSION} | {device} | "
@@ -101,7 +128,8 @@ def _print_summary(cfg: RunConfig, config, gpt, tokenizer, use_te: bool, experts
         f"{', experts ' + experts_backend if moe.num_experts else ''}), hidden {m.hidden_size}, "
         f"vocab {tokenizer.vocab_size} | parameters {total / 1e6:.2f}M, active per token {active / 1e6:.2f}M\n"
         f"global batch {cfg.train.global_batch_size} x {m.seq_length} tokens, "
-        f"{cfg.num_microbatches} micro-batch(es) of {cfg.train.micro_batch_size}, {cfg.train.train_iters} steps")
+        f"{cfg.num_microbatches} micro-batch(es) of {cfg.train.micro_batch_size}, {cfg.train.train_iters} steps"
+    )
     for notice in cfg.notices():
         distributed.print_rank0(f"note: {notice}")
 
@@ -125,9 +153,14 @@ def _report_moe(ctx: TrainingContext, iteration: int, writer) -> dict:
         compat.clear_megatron_moe_tracker()
         return {}
     return compat.report_megatron_moe_losses(
-        loss_scale=1.0 / cfg.num_microbatches, iteration=iteration, writer=writer, track_names=names,
-        num_layers=ctx.config.num_layers, moe_layer_freq=ctx.config.moe_layer_freq,
-        per_layer_logging=cfg.moe.moe_per_layer_logging)
+        loss_scale=1.0 / cfg.num_microbatches,
+        iteration=iteration,
+        writer=writer,
+        track_names=names,
+        num_layers=ctx.config.num_layers,
+        moe_layer_freq=ctx.config.moe_layer_freq,
+        per_layer_logging=cfg.moe.moe_per_layer_logging,
+    )
 
 
 def _valid_iterator_factory(ctx: TrainingContext):
@@ -145,31 +178,33 @@ def train(ctx: TrainingContext) -> dict:
     """The training loop. Returns the last step's metrics and the last validation result."""
     cfg = ctx.cfg
     iteration, consumed = checkpointing.load_checkpoint(ctx) if cfg.ckpt.load else (0, 0)
-    train_iter = iter(make_loader(ctx.datasets[0], cfg, consumed)) if needs_data() else None
+    loader = make_loader(ctx.datasets[0], cfg, consumed) if needs_data() else None
+    train_iter = iter(loader) if loader is not None else None
     make_valid = _valid_iterator_factory(ctx)
     reporter = Reporter(cfg, iteration)
     last: dict = {}
-    validation: Optional[dict] = None
+    validation: dict | None = None
     saved_at = None
     try:
         while iteration < cfg.train.train_iters:
             started = time.time()
-            regularizers = ctx.extras.get("regularizers")
+            regularizers = ctx.regularizers
             if regularizers is not None:
-                interval = cfg.plugin.moe_metrics_interval
-                regularizers.begin_step(measure=(iteration + 1) % cfg.log.log_interval == 0,
-                                        expensive=bool(interval) and (iteration + 1) % interval == 0)
+                regularizers.begin_step(iteration + 1)
             metrics = train_step(ctx, train_iter)
             metrics.update(_report_moe(ctx, iteration + 1, reporter.writer))
             if regularizers is not None:
-                regularizers.end_step()
-                metrics.update(regularizers.report(iteration + 1, reporter.writer))
+                metrics.update(regularizers.finish_step(iteration + 1, reporter.writer))
             iteration += 1
-            consumed += cfg.train.global_batch_size
+            consumed += cfg.global_batch_size
             reporter.step(iteration, metrics, time.time() - started)
             last = metrics
-            if make_valid and cfg.eval.eval_interval and iteration % cfg.eval.eval_interval == 0 \
-                    and iteration < cfg.train.train_iters:
+            if (
+                make_valid
+                and cfg.eval.eval_interval
+                and iteration % cfg.eval.eval_interval == 0
+                and iteration < cfg.train.train_iters
+            ):
                 validation = evaluate(ctx, make_valid, cfg.eval.eval_iters)
                 reporter.evaluation(iteration, validation)
             if cfg.ckpt.save and cfg.ckpt.save_interval and iteration % cfg.ckpt.save_interval == 0:

@@ -19,7 +19,6 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU (used by the test suite
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -31,16 +30,16 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _configs(big: list[tuple]) -> list:
     if INTERPRETED:  # one tile shape; the interpreter runs each program in Python, so few and large
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in big]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in big
+    ]
 
 
-_ROWS_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                          (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)])
-_SWIGLU_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                            (64, 64, 64, 4, 3)])
-_WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                           (128, 64, 64, 4, 4)])
+_ROWS_CONFIGS = _configs(
+    [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
+)
+_SWIGLU_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)])
+_WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)])
 
 
 @triton.jit
@@ -60,12 +59,31 @@ def _row_tile(pid, row_offsets, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.c
 
 
 @triton.jit
-def _rows_matmul_kernel(a_ptr, b_table, c_ptr, h_ptr, scale_ptr, row_offsets,
-                        num_experts, N, K, stride_am, stride_ak, stride_bn, stride_bk,
-                        stride_cm, stride_hm, up_offset,
-                        SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                        E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+def _rows_matmul_kernel(
+    a_ptr,
+    b_table,
+    c_ptr,
+    h_ptr,
+    scale_ptr,
+    row_offsets,
+    num_experts,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_hm,
+    up_offset,
+    SWIGLU: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    IEEE: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, first_tile, row_start, row_end = _row_tile(pid_m, row_offsets, num_experts, BLOCK_M, E_POW2)
@@ -82,8 +100,11 @@ def _rows_matmul_kernel(a_ptr, b_table, c_ptr, h_ptr, scale_ptr, row_offsets,
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
         b_offs = ks[:, None] * stride_bk + cols[None, :] * stride_bn
         b_mask = k_mask[:, None] & col_mask[None, :]
         b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
@@ -113,10 +134,26 @@ def _rows_matmul_kernel(a_ptr, b_table, c_ptr, h_ptr, scale_ptr, row_offsets,
 
 
 @triton.jit
-def _wgrad_kernel(a_ptr, b_ptr, scale_ptr, c_ptr, row_offsets, M, N,
-                  stride_am, stride_ak, stride_bm, stride_bk, stride_ce, stride_cm,
-                  ROW_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    c_ptr,
+    row_offsets,
+    M,
+    N,
+    stride_am,
+    stride_ak,
+    stride_bm,
+    stride_bk,
+    stride_ce,
+    stride_cm,
+    ROW_SCALE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     e = tl.program_id(0)
     pid = tl.program_id(1)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -130,10 +167,12 @@ def _wgrad_kernel(a_ptr, b_ptr, scale_ptr, c_ptr, row_offsets, M, N,
     for r0 in range(start, end, BLOCK_K):
         rs = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         r_mask = rs < end
-        a_t = tl.load(a_ptr + rs[None, :] * stride_am + ms[:, None] * stride_ak,
-                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + rs[:, None] * stride_bm + ns[None, :] * stride_bk,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        a_t = tl.load(
+            a_ptr + rs[None, :] * stride_am + ms[:, None] * stride_ak, mask=m_mask[:, None] & r_mask[None, :], other=0.0
+        )
+        b = tl.load(
+            b_ptr + rs[:, None] * stride_bm + ns[None, :] * stride_bk, mask=r_mask[:, None] & n_mask[None, :], other=0.0
+        )
         if ROW_SCALE:
             s = tl.load(scale_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
             b = (b.to(tl.float32) * s[:, None]).to(a_t.dtype)
@@ -150,9 +189,16 @@ _rows_swiglu = triton.autotune(_SWIGLU_CONFIGS, key=["N", "K", "IEEE"])(_rows_ma
 _wgrad = triton.autotune(_WGRAD_CONFIGS, key=["M", "N", "ROW_SCALE", "IEEE"])(_wgrad_kernel)
 
 
-def rows_matmul(a: torch.Tensor, offsets: torch.Tensor, b_table: torch.Tensor, b_shape: tuple[int, int],
-                b_strides: tuple[int, int], *, swiglu: bool = False,
-                row_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def rows_matmul(
+    a: torch.Tensor,
+    offsets: torch.Tensor,
+    b_table: torch.Tensor,
+    b_shape: tuple[int, int],
+    b_strides: tuple[int, int],
+    *,
+    swiglu: bool = False,
+    row_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """C = A B_eᵀ per expert's rows; B_e [N, K] with strides ``b_strides`` at ``b_table[e]``.
 
     ``swiglu``: B_e is [2N', K] = [gate; up]; returns (z [rows, N'], h [rows, 2N']).
@@ -172,16 +218,38 @@ def rows_matmul(a: torch.Tensor, offsets: torch.Tensor, b_table: torch.Tensor, b
         return (triton.cdiv(rows, meta["BLOCK_M"]) + num_experts, triton.cdiv(n, meta["BLOCK_N"]))
 
     kernel[grid](
-        a, b_table, c, h if swiglu else c, row_scale if row_scale is not None else c, offsets,
-        num_experts, n, k, a.stride(0), a.stride(1), b_strides[0], b_strides[1],
-        c.stride(0), h.stride(0) if swiglu else 0, n * b_strides[0] if swiglu else 0,
-        SWIGLU=swiglu, ROW_SCALE=row_scale is not None, IEEE=a.dtype == torch.float32,
-        E_POW2=triton.next_power_of_2(max(num_experts, 2)))
+        a,
+        b_table,
+        c,
+        h if swiglu else c,
+        row_scale if row_scale is not None else c,
+        offsets,
+        num_experts,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b_strides[0],
+        b_strides[1],
+        c.stride(0),
+        h.stride(0) if h is not None else 0,
+        n * b_strides[0] if swiglu else 0,
+        SWIGLU=swiglu,
+        ROW_SCALE=row_scale is not None,
+        IEEE=a.dtype == torch.float32,
+        E_POW2=triton.next_power_of_2(max(num_experts, 2)),
+    )
     return c, h
 
 
-def expert_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, out_dtype: torch.dtype,
-                 row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def expert_wgrad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out_dtype: torch.dtype,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """dW [E, M, N] with dW_e = A_eᵀ (s_e ⊙ B_e) over expert e's rows (A [rows, M], B [rows, N])."""
     m, n = a.shape[1], b.shape[1]
     num_experts = offsets.numel() - 1
@@ -192,7 +260,21 @@ def expert_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, out
     def grid(meta):
         return (num_experts, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
 
-    _wgrad[grid](a, b, row_scale if row_scale is not None else a, out, offsets, m, n,
-                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-                 ROW_SCALE=row_scale is not None, IEEE=a.dtype == torch.float32)
+    _wgrad[grid](
+        a,
+        b,
+        row_scale if row_scale is not None else a,
+        out,
+        offsets,
+        m,
+        n,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ROW_SCALE=row_scale is not None,
+        IEEE=a.dtype == torch.float32,
+    )
     return out

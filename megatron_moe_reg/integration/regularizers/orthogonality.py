@@ -14,12 +14,11 @@ weights over EP and an E x E Gram of length-D rows (D = 2FH/etp for fc1), forwar
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
-from megatron_moe_reg.integration.expert_weights import WEIGHT_KINDS, all_experts_gram
+from megatron_moe_reg.integration.megatron.aux_loss import attach_to_experts_output
+from megatron_moe_reg.integration.megatron.expert_weights import WEIGHT_KINDS, all_experts_gram
+from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
 from megatron_moe_reg.losses.weight_orthogonality import weight_orthogonality_from_gram
 
 
@@ -39,7 +38,7 @@ class WeightOrthogonality:
     def begin_step(self, measure: bool) -> None:
         self.measure, self._measured = measure, False
 
-    def measure_now(self, known: Optional[dict] = None) -> None:
+    def measure_now(self, known: dict | None = None) -> None:
         """Record the weight MSO of fc1 and fc2 (collective over EP x ETP; no gradient); ``known``
         holds values already computed this step (the loss's own kind)."""
         known = known or {}
@@ -48,9 +47,9 @@ class WeightOrthogonality:
                 value = known.get(kind)
                 if value is None:
                     value = weight_orthogonality_from_gram(
-                        all_experts_gram(self.experts, kind, self.ep_group, self.etp_group))
-                self.tracker.record(f"weight_mso_{kind}", value.detach(), self.layer.layer_number,
-                                    self.num_layers)
+                        all_experts_gram(self.experts, kind, self.ep_group, self.etp_group)
+                    )
+                self.tracker.record(f"weight_mso_{kind}", value.detach(), self.layer.layer_number, self.num_layers)
         self._measured = True
 
     def _after_experts(self, module, inputs, output):
@@ -59,19 +58,42 @@ class WeightOrthogonality:
         loss = None
         if self.coeff > 0:
             loss = weight_orthogonality_from_gram(
-                all_experts_gram(self.experts, self.kind, self.ep_group, self.etp_group))
+                all_experts_gram(self.experts, self.kind, self.ep_group, self.etp_group)
+            )
         if self.measure and not self._measured:
             self.measure_now({} if loss is None else {self.kind: loss})
         if loss is None:
             return None
         routing = self.router.moe_reg_last_routing
-        out, bias = output
-        out = attach_local_mean_loss(
-            out, loss, self.coeff, tp_cp_size=self.router.tp_cp_group.size(),
-            calculate_per_token_loss=self.config.calculate_per_token_loss,
-            num_local_tokens=routing.keep_mask().sum())
-        return out, bias
+        return attach_to_experts_output(output, loss, self.coeff, self.router, routing.keep_mask().sum())
 
-    @property
-    def config(self):
-        return self.layer.config
+
+class WeightOrthogonalityLoss(RegularizerBase):
+    """L_orth and the weight MSO of every MoE layer of this rank."""
+
+    coefficient_field = "moe_weight_orthogonality_coeff"
+
+    def __init__(self, modules: list[WeightOrthogonality]):
+        self.modules = modules
+
+    def begin_step(self, plan: StepPlan) -> None:
+        for module in self.modules:
+            module.begin_step(plan.measure)
+
+    def metric_names(self, plan: StepPlan) -> list[str]:
+        return [f"weight_mso_{kind}" for kind in WEIGHT_KINDS] if plan.measure else []
+
+    def set_coefficient(self, value: float) -> None:
+        for module in self.modules:
+            module.coeff = value
+
+
+def build(ctx: InstallContext) -> WeightOrthogonalityLoss | None:
+    """Installed when the loss is on or the weight MSO is measured."""
+    p = ctx.plugin
+    if not (p.moe_weight_orthogonality_coeff > 0 or p.moe_reg_measure):
+        return None
+    coeff, kind = p.moe_weight_orthogonality_coeff, p.moe_weight_orthogonality_weights
+    return WeightOrthogonalityLoss(
+        [WeightOrthogonality(layer, coeff=coeff, kind=kind, **ctx.recording) for layer in ctx.layers]
+    )

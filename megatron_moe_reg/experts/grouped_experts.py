@@ -15,16 +15,13 @@ specialization loss uses instead of recomputing it from fc1's output.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_moe_reg.experts.functional import grouped_mlp_with_activation
-
-
-MODULE_BACKENDS = ("triton", "torch")  # the backends GroupedGemmExperts runs; the others are Megatron's
 
 
 class _HookHandle:
@@ -49,38 +46,48 @@ def check_supported(config) -> None:
     }
     found = [name for name, bad in unsupported.items() if bad]
     if found:
-        raise ValueError(f"grouped GEMM experts do not support {', '.join(found)}; use Megatron's "
-                         "SequentialMLP (--moe-grouped-gemm-backend sequential)")
+        raise ValueError(
+            f"grouped GEMM experts do not support {', '.join(found)}; use Megatron's "
+            "SequentialMLP (--moe-grouped-gemm-backend sequential)"
+        )
 
 
 class GroupedGemmExperts(SequentialMLP):
     """SequentialMLP's parameters and checkpoints, grouped-GEMM forward (backend: triton|torch)."""
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None, *, backend: str,
-                 **kwargs):
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, *, backend: str, **kwargs):
         check_supported(config)
         super().__init__(num_local_experts, config, submodules, pg_collection, **kwargs)
         self.backend = backend
         self._activation_hooks: list[Callable] = []
         fc1 = self.local_experts[0].linear_fc1
         if self.tp_group.size() > 1 and not getattr(fc1, "explicit_expert_comm", True):
-            raise ValueError("grouped GEMM experts need the token dispatcher to handle expert-tensor "
-                             "parallelism (tensor or expert parallel size > 1)")
+            raise ValueError(
+                "grouped GEMM experts need the token dispatcher to handle expert-tensor "
+                "parallelism (tensor or expert parallel size > 1)"
+            )
 
     def register_activation_hook(self, fn: Callable[[torch.nn.Module, torch.Tensor], None]) -> _HookHandle:
         """Call ``fn(self, z)`` after each forward with the SwiGLU activation z [rows, F/etp]."""
         self._activation_hooks.append(fn)
         return _HookHandle(self._activation_hooks, fn)
 
-    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
-                permuted_probs: torch.Tensor):
-        hidden, probs = permuted_local_hidden_states, permuted_probs
+    def forward(
+        self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
+    ):
+        hidden = permuted_local_hidden_states
+        probs: torch.Tensor | None = permuted_probs
         if self.config.moe_apply_probs_on_input:  # as SequentialMLP: scale the input, then p = 1
-            hidden = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
+            hidden = (permuted_probs.unsqueeze(-1) * hidden).to(hidden.dtype)
             probs = None
         output, z = grouped_mlp_with_activation(
-            hidden, tokens_per_expert, [e.linear_fc1.weight for e in self.local_experts],
-            [e.linear_fc2.weight for e in self.local_experts], probs, backend=self.backend)
+            hidden,
+            tokens_per_expert,
+            [e.linear_fc1.weight for e in self.local_experts],
+            [e.linear_fc2.weight for e in self.local_experts],
+            probs,
+            backend=self.backend,
+        )
         for hook in list(self._activation_hooks):
             hook(self, z)
         return output, None

@@ -13,13 +13,18 @@ import argparse
 import ast
 import dataclasses
 import sys
-import tomllib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from megatron_moe_reg.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 def flag_name(field_name: str) -> str:
@@ -67,14 +72,18 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) 
     for f in dataclasses.fields(cls):
         meta = f.metadata
         names = [flag_name(f.name), *meta.get("aliases", ())]
-        kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", ""),
-                                  "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", ""), "default": argparse.SUPPRESS}
         tp, _optional = _unwrap_optional(hints[f.name])
         if tp is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
             if "negative" in meta:
-                group.add_argument(meta["negative"], dest=f.name, action="store_false",
-                                   default=argparse.SUPPRESS, help=f"same as --no-{flag_name(f.name)[2:]}")
+                group.add_argument(
+                    meta["negative"],
+                    dest=f.name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help=f"same as --no-{flag_name(f.name)[2:]}",
+                )
             continue
         if "parser" in meta:
             kwargs["type"] = _PARSERS[meta["parser"]]
@@ -92,7 +101,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) 
         group.add_argument(*names, **kwargs)
 
 
-def _coerce(value: Any, tp: Any, meta: dict, flag: str) -> Any:
+def _coerce(value: Any, tp: Any, meta: Mapping[str, Any], flag: str) -> Any:
     """Check and convert a value read from a config file to the field's type."""
     base, optional = _unwrap_optional(tp)
     if value is None and optional:
@@ -133,8 +142,10 @@ def load_config_file(path: str, classes: Iterable[type]) -> dict[str, Any]:
         for key, v in items:
             name = key.replace("-", "_")
             if name not in fields:
-                raise ConfigError(f"--config {path}: unknown option '{key}' (use the flag names of "
-                                  "'moe-reg pretrain --help' without the leading dashes)")
+                raise ConfigError(
+                    f"--config {path}: unknown option '{key}' (use the flag names of "
+                    "'moe-reg pretrain --help' without the leading dashes)"
+                )
             tp, meta = fields[name]
             out[name] = _coerce(v, tp, meta, flag_name(name))
     return out

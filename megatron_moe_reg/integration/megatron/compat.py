@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 from typing import Any
-
-from packaging.version import Version
 
 from megatron.core import package_info
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from packaging.version import Version
+
+from megatron_moe_reg.integration.megatron import patches
 
 MCORE_VERSION = Version(package_info.__version__)
 SUPPORTED = (Version("0.16.0"), Version("0.20.0"))
@@ -26,8 +28,7 @@ SUPPORTED = (Version("0.16.0"), Version("0.20.0"))
 def check_version() -> None:
     low, high = SUPPORTED
     if not (low <= MCORE_VERSION < high):
-        raise RuntimeError(f"megatron-core {MCORE_VERSION} is not supported; install "
-                           f"megatron-core>={low},<{high}")
+        raise RuntimeError(f"megatron-core {MCORE_VERSION} is not supported; install megatron-core>={low},<{high}")
 
 
 def is_moe_spec(mlp_spec: Any) -> bool:
@@ -65,31 +66,37 @@ def replace_experts_class(experts_spec: Any, base: type, new_cls: type, **params
     return experts_spec
 
 
-def router_builder(router_cls: type, **bound: Any):
-    """A ``MoESubmodules.router`` builder for ``router_cls`` that accepts every version's kwargs."""
+class RouterBuilder:
+    """A ``MoESubmodules.router`` builder for ``router_cls`` that accepts every version's kwargs
+    (0.17+ pass ``is_mtp_layer``)."""
 
-    def build(*, config, pg_collection=None, **kwargs):
-        return router_cls(config=config, pg_collection=pg_collection, **bound, **kwargs)
+    def __init__(self, router_cls: type, **bound: Any):
+        self.router_cls, self.bound = router_cls, bound
 
-    build.router_cls = router_cls
-    return build
+    def __call__(self, *, config: Any, pg_collection: Any = None, **kwargs: Any) -> Any:
+        return self.router_cls(config=config, pg_collection=pg_collection, **self.bound, **kwargs)
+
+
+def router_builder(router_cls: type, **bound: Any) -> RouterBuilder:
+    return RouterBuilder(router_cls, **bound)
 
 
 # --------------------------------------------------------------------------- MoE metric tracker
 
-def _has_metrics_tracker() -> bool:
-    try:
-        import megatron.core.transformer.moe.moe_logging  # noqa: F401
-    except ImportError:
-        return False
-    return True
+
+HAS_METRICS_TRACKER = importlib.util.find_spec("megatron.core.transformer.moe.moe_logging") is not None
 
 
-HAS_METRICS_TRACKER = _has_metrics_tracker()
-
-
-def report_megatron_moe_losses(*, loss_scale: float, iteration: int, writer, track_names: list[str],
-                               num_layers: int, moe_layer_freq, per_layer_logging: bool) -> dict:
+def report_megatron_moe_losses(
+    *,
+    loss_scale: float,
+    iteration: int,
+    writer,
+    track_names: list[str],
+    num_layers: int,
+    moe_layer_freq,
+    per_layer_logging: bool,
+) -> dict:
     """Reduce and report Megatron's own MoE losses (load balancing, z-loss) and clear its tracker.
 
     Returns ``{name: value averaged over MoE layers}``; writes TensorBoard scalars when ``writer``.
@@ -101,27 +108,41 @@ def report_megatron_moe_losses(*, loss_scale: float, iteration: int, writer, tra
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
         get_moe_metrics_tracker().report(
-            loss_scale=loss_scale, iteration=iteration, writer=writer,
-            per_layer_logging=per_layer_logging, force_initialize=True, track_names=track_names,
-            num_layers=num_layers, moe_layer_freq=moe_layer_freq, total_loss_dict=totals)
+            loss_scale=loss_scale,
+            iteration=iteration,
+            writer=writer,
+            per_layer_logging=per_layer_logging,
+            force_initialize=True,
+            track_names=track_names,
+            num_layers=num_layers,
+            moe_layer_freq=moe_layer_freq,
+            total_loss_dict=totals,
+        )
     else:
         from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
         _average_z_loss_over_tp_dp_cp()
         track_moe_metrics(
-            loss_scale=loss_scale, iteration=iteration, writer=writer, total_loss_dict=totals,
-            per_layer_logging=per_layer_logging, force_initialize=True, track_names=track_names,
-            num_layers=num_layers, moe_layer_freq=moe_layer_freq)
+            loss_scale=loss_scale,
+            iteration=iteration,
+            writer=writer,
+            total_loss_dict=totals,
+            per_layer_logging=per_layer_logging,
+            force_initialize=True,
+            track_names=track_names,
+            num_layers=num_layers,
+            moe_layer_freq=moe_layer_freq,
+        )
     return {k: float(v) for k, v in totals.items()}
 
 
 def _average_z_loss_over_tp_dp_cp() -> None:
     """0.16 records ``z_loss`` without a reduction group, so its logged value is one rank's.
-    0.17+ averages it over TP x DP x CP; give 0.16 the same group (logging only)."""
+    0.17+ averages it over TP x DP x CP; give 0.16 the same group (logging only; patch-table row
+    ``compat.z_loss_avg_group``)."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    entry = get_moe_layer_wise_logging_tracker().get("z_loss")
+    entry = patches.resolve("compat.z_loss_avg_group")().get("z_loss")
     if entry is not None and entry.get("avg_group") is None:
         entry["avg_group"] = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
 

@@ -23,24 +23,31 @@ schedule sets to ``loss_scale / num_microbatches`` (``x cp_size``; just ``loss_s
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 
-def local_mean_scale(coeff: float, tp_cp_size: int, calculate_per_token_loss: bool,
-                     num_local_tokens: Union[int, torch.Tensor]) -> Union[float, torch.Tensor]:
+def local_mean_scale(
+    coeff: float, tp_cp_size: int, calculate_per_token_loss: bool, num_local_tokens: int | torch.Tensor
+) -> float | torch.Tensor:
     """The factor multiplying a local-mean loss before it is attached."""
-    scale = coeff / tp_cp_size
+    scale: float | torch.Tensor = coeff / tp_cp_size
     if calculate_per_token_loss:
         scale = scale * num_local_tokens * tp_cp_size
     return scale
 
 
-def attach_local_mean_loss(activation: torch.Tensor, loss: torch.Tensor, coeff: float, *, tp_cp_size: int,
-                           calculate_per_token_loss: bool,
-                           num_local_tokens: Union[int, torch.Tensor]) -> torch.Tensor:
+def attach_local_mean_loss(
+    activation: torch.Tensor,
+    loss: torch.Tensor,
+    coeff: float,
+    *,
+    tp_cp_size: int,
+    calculate_per_token_loss: bool,
+    num_local_tokens: int | torch.Tensor,
+) -> torch.Tensor:
     """Attach ``coeff x loss`` (``loss`` a mean over this rank's tokens) to ``activation``.
 
     Returns the activation to use from now on (the autograd node must stay in the graph).
@@ -55,3 +62,20 @@ def aux_loss_backward_scale() -> torch.Tensor:
     """The scale the schedule set for aux-loss gradients (1 when none was set yet)."""
     scale = MoEAuxLossAutoScaler.main_loss_backward_scale
     return torch.ones(()) if scale is None else scale
+
+
+def attach_to_experts_output(
+    output: tuple[torch.Tensor, Any], loss: torch.Tensor, coeff: float, router: Any, num_local_tokens: Any
+) -> tuple[torch.Tensor, Any]:
+    """An experts module's ``(out, bias)`` with ``coeff x loss`` attached to ``out``, scaled by the
+    rules above for the layer's router (its TP x CP group, ``calculate_per_token_loss``)."""
+    out, bias = output
+    out = attach_local_mean_loss(
+        out,
+        loss,
+        coeff,
+        tp_cp_size=router.tp_cp_group.size(),
+        calculate_per_token_loss=router.config.calculate_per_token_loss,
+        num_local_tokens=num_local_tokens,
+    )
+    return out, bias

@@ -31,23 +31,24 @@ the normalized Gram are recomputed in backward.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import all_to_all
 from torch.utils.checkpoint import checkpoint
 
-from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
+from megatron_moe_reg.integration.megatron.aux_loss import attach_to_experts_output
+from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
 from megatron_moe_reg.losses.specialization import specialization_loss
 
 if TYPE_CHECKING:
-    from megatron_moe_reg.integration.router import RoutingRecord
+    from megatron_moe_reg.routers.base import RoutingRecord
 
 META_ROUTED = 2  # columns: owner rank, token index, then the routed experts (-1 padded)
 
 
-def glu_intermediate(fc1_output: torch.Tensor, bias: Optional[torch.Tensor], config) -> torch.Tensor:
+def glu_intermediate(fc1_output: torch.Tensor, bias: torch.Tensor | None, config) -> torch.Tensor:
     """The input of fc2 before router-probability scaling, as Megatron's MLP computes it."""
     x = fc1_output if bias is None else fc1_output + bias
     if not config.gated_linear_unit:
@@ -113,7 +114,7 @@ class SpecializationProbe:
         self.num_shards = self.dispatcher.tp_size
         self.local_offset = moe_layer.local_expert_indices[0]
         self._rows: list[torch.Tensor] = []
-        self._shared_rows: Optional[torch.Tensor] = None
+        self._shared_rows: torch.Tensor | None = None
         if hasattr(self.experts, "register_activation_hook"):  # grouped GEMM experts hand z over
             self.handles = [self.experts.register_activation_hook(self._capture_activation)]
         else:
@@ -147,7 +148,7 @@ class SpecializationProbe:
             self._shared_rows = z.reshape(-1, z.shape[-1])
 
     # ------------------------------------------------------------------ where rows came from
-    def _dispatch_meta(self, routing: "RoutingRecord") -> torch.Tensor:
+    def _dispatch_meta(self, routing: RoutingRecord) -> torch.Tensor:
         """Per dispatched row: [owner index in the dispatch group, token index, routed experts]."""
         k = self.config.moe_router_topk
         routing_map = routing.routing_map
@@ -155,9 +156,14 @@ class SpecializationProbe:
         experts = torch.where(routing_map, torch.arange(num_experts, device=routing_map.device), num_experts)
         experts = experts.sort(dim=-1).values[:, :k]  # routed experts, ascending; num_experts pads
         experts = torch.where(experts == num_experts, -1, experts)
-        meta = torch.cat([torch.full((num_tokens, 1), float(self.my_index), device=routing_map.device),
-                          torch.arange(num_tokens, device=routing_map.device, dtype=torch.float32)[:, None],
-                          experts.float()], dim=1)
+        meta = torch.cat(
+            [
+                torch.full((num_tokens, 1), float(self.my_index), device=routing_map.device),
+                torch.arange(num_tokens, device=routing_map.device, dtype=torch.float32)[:, None],
+                experts.float(),
+            ],
+            dim=1,
+        )
         clone = copy.copy(self.dispatcher)
         clone.shared_experts = None
         probs = torch.zeros(routing_map.shape, dtype=torch.float32, device=routing_map.device)
@@ -182,18 +188,28 @@ class SpecializationProbe:
         tokens_per_expert = inputs[1]
         k = self.config.moe_router_topk
         meta = self._dispatch_meta(routing)
-        local_expert = torch.repeat_interleave(
-            torch.arange(len(tokens_per_expert), device=rows.device),
-            torch.as_tensor(tokens_per_expert, device=rows.device).long()) + self.local_offset
-        slot = (meta[:, META_ROUTED:META_ROUTED + k] == local_expert[:, None]).long().argmax(dim=1)
+        local_expert = (
+            torch.repeat_interleave(
+                torch.arange(len(tokens_per_expert), device=rows.device),
+                torch.as_tensor(tokens_per_expert, device=rows.device).long(),
+            )
+            + self.local_offset
+        )
+        slot = (meta[:, META_ROUTED : META_ROUTED + k] == local_expert[:, None]).long().argmax(dim=1)
         dest = meta[:, 0]
         info = torch.stack([meta[:, 1], slot, torch.full_like(slot, self.shard)], dim=1)
         if shared is not None:  # the shared expert: one more slot, sliced over TP like the experts
             t = routing.num_tokens
             owners = torch.arange(shared.shape[0], device=rows.device) // t
             dest = torch.cat([dest, torch.as_tensor(self.tp_peer_index, device=rows.device)[owners]])
-            shared_info = torch.stack([torch.arange(shared.shape[0], device=rows.device) % t,
-                                       torch.full_like(owners, k), torch.full_like(owners, self.shard)], dim=1)
+            shared_info = torch.stack(
+                [
+                    torch.arange(shared.shape[0], device=rows.device) % t,
+                    torch.full_like(owners, k),
+                    torch.full_like(owners, self.shard),
+                ],
+                dim=1,
+            )
             info = torch.cat([info, shared_info])
             rows = torch.cat([rows, shared.to(rows.dtype)])
         received, received_info = route_rows(rows, dest, info, self.group)
@@ -203,11 +219,42 @@ class SpecializationProbe:
         z_TKF = z.reshape(routing.num_tokens, slots, -1)
         keep = routing.keep_mask()
         loss = _recomputed(specialization_loss, z_TKF, keep)
-        self.tracker.record("specialization_loss", loss.detach(), self.router.layer_number, self.num_layers,
-                            avg_group=self.router.tp_cp_group)
-        out, bias = output
-        out = attach_local_mean_loss(
-            out, loss, self.coeff, tp_cp_size=self.router.tp_cp_group.size(),
-            calculate_per_token_loss=self.config.calculate_per_token_loss, num_local_tokens=keep.sum())
-        return out, bias
+        self.tracker.record(
+            "specialization_loss",
+            loss.detach(),
+            self.router.layer_number,
+            self.num_layers,
+            avg_group=self.router.tp_cp_group,
+        )
+        return attach_to_experts_output(output, loss, self.coeff, self.router, keep.sum())
 
+
+class Specialization(RegularizerBase):
+    """R_sp of every MoE layer of this rank (one probe per layer)."""
+
+    coefficient_field = "moe_specialization_loss_coeff"
+
+    def __init__(self, probes: list[SpecializationProbe], coeff: float):
+        self.probes, self.coeff = probes, coeff
+
+    def begin_step(self, plan: StepPlan) -> None:
+        for probe in self.probes:
+            probe.measure = plan.measure
+
+    def metric_names(self, plan: StepPlan) -> list[str]:
+        return ["specialization_loss"] if self.coeff > 0 or plan.measure else []
+
+    def set_coefficient(self, value: float) -> None:
+        self.coeff = value
+        for probe in self.probes:
+            probe.coeff = value
+
+
+def build(ctx: InstallContext) -> Specialization:
+    p = ctx.plugin
+    include_shared = p.moe_specialization_include_shared_experts
+    coeff = p.moe_specialization_loss_coeff
+    probes = [
+        SpecializationProbe(layer, coeff=coeff, include_shared=include_shared, **ctx.recording) for layer in ctx.layers
+    ]
+    return Specialization(probes, coeff)

@@ -12,7 +12,6 @@ one value per pair of consecutive MoE layers, not per MoE layer).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,8 +21,8 @@ import torch.distributed as dist
 class Entry:
     values: torch.Tensor  # [num_layers] sums of recorded values
     counts: torch.Tensor  # [num_layers] number of records
-    reduce_group: Optional[dist.ProcessGroup] = None
-    avg_group: Optional[dist.ProcessGroup] = None
+    reduce_group: dist.ProcessGroup | None = None
+    avg_group: dist.ProcessGroup | None = None
     needs_dp_avg: bool = True
 
 
@@ -48,16 +47,31 @@ class PluginMetricsTracker:
             setattr(entry, key, value)
         return entry
 
-    def record(self, name: str, value: torch.Tensor, layer_number: int, num_layers: int, *,
-               reduce_group=None, avg_group=None, needs_dp_avg: bool = True) -> None:
+    def record(
+        self,
+        name: str,
+        value: torch.Tensor,
+        layer_number: int,
+        num_layers: int,
+        *,
+        reduce_group=None,
+        avg_group=None,
+        needs_dp_avg: bool = True,
+    ) -> None:
         """Add one value for ``layer_number`` (1-based, global)."""
-        entry = self.ensure(name, num_layers, reduce_group=reduce_group, avg_group=avg_group,
-                            needs_dp_avg=needs_dp_avg)
+        entry = self.ensure(name, num_layers, reduce_group=reduce_group, avg_group=avg_group, needs_dp_avg=needs_dp_avg)
         entry.values[layer_number - 1] += value.detach().to(entry.values)
         entry.counts[layer_number - 1] += 1
 
-    def report(self, names: list[str], num_layers: int, iteration: int, writer=None,
-               per_layer: bool = True, prefix: str = "moe_reg") -> dict[str, float]:
+    def report(
+        self,
+        names: list[str],
+        num_layers: int,
+        iteration: int,
+        writer=None,
+        per_layer: bool = True,
+        prefix: str = "moe_reg",
+    ) -> dict[str, float]:
         """Reduce across ranks (call on every rank), write TensorBoard scalars, clear.
 
         Returns ``{name: mean over recording layers}`` and, per layer, ``{name}_layer_{i}``
@@ -99,7 +113,7 @@ class PluginMetricsTracker:
             entry.counts.zero_()
 
 
-_TRACKER: Optional[PluginMetricsTracker] = None
+_TRACKER: PluginMetricsTracker | None = None
 
 
 def get_tracker() -> PluginMetricsTracker:

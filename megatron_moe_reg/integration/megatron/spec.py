@@ -8,30 +8,33 @@ parallelism, the torch norms replaced by ``SequenceParallelTorchNorm``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_moe_reg.integration import compat
-from megatron_moe_reg.integration.grouped_experts import MODULE_BACKENDS, GroupedGemmExperts
-from megatron_moe_reg.integration.norms import SequenceParallelTorchNorm
+from megatron_moe_reg.config import MODULE_BACKENDS
+from megatron_moe_reg.experts.grouped_experts import GroupedGemmExperts
+from megatron_moe_reg.integration.megatron import compat
+from megatron_moe_reg.integration.megatron.norms import SequenceParallelTorchNorm
 
 
 def _swap_torch_norm(norm_spec: Any) -> Any:
     return SequenceParallelTorchNorm if norm_spec is WrappedTorchNorm else norm_spec
 
 
-def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool, grouped_backend: Optional[str]) -> Any:
+def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool, grouped_backend: str | None) -> Any:
     sub = layer_spec.submodules
     changes: dict[str, Any] = {}
     if (moe_changes or grouped_backend in MODULE_BACKENDS) and compat.is_moe_spec(sub.mlp):
         layer_changes = dict(moe_changes)
         if grouped_backend in MODULE_BACKENDS and "experts" not in layer_changes:
             layer_changes["experts"] = compat.replace_experts_class(
-                compat.moe_submodules(sub.mlp).experts, SequentialMLP, GroupedGemmExperts, backend=grouped_backend)
+                compat.moe_submodules(sub.mlp).experts, SequentialMLP, GroupedGemmExperts, backend=grouped_backend
+            )
         changes["mlp"] = compat.replace_moe_submodules(sub.mlp, **layer_changes)
     if swap_norms:
         for name in ("input_layernorm", "pre_mlp_layernorm"):
@@ -41,9 +44,15 @@ def _patch_layer(layer_spec: Any, moe_changes: dict, swap_norms: bool, grouped_b
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, **changes))
 
 
-def patch_block_spec(spec: TransformerBlockSubmodules, config, use_transformer_engine: bool, *,
-                     router: Optional[Callable] = None, experts: Optional[Any] = None,
-                     grouped_backend: Optional[str] = None) -> TransformerBlockSubmodules:
+def patch_block_spec(
+    spec: TransformerBlockSubmodules,
+    config,
+    use_transformer_engine: bool,
+    *,
+    router: Callable | None = None,
+    experts: Any | None = None,
+    grouped_backend: str | None = None,
+) -> TransformerBlockSubmodules:
     """A Megatron GPT decoder block spec with plugin modules swapped into its MoE layers.
 
     ``router``: a ``MoESubmodules.router`` builder (None keeps Megatron's TopKRouter).
@@ -59,13 +68,25 @@ def patch_block_spec(spec: TransformerBlockSubmodules, config, use_transformer_e
     return dataclasses.replace(spec, layer_specs=layers, layer_norm=layer_norm)
 
 
-def gpt_block_spec(config, use_transformer_engine: bool, *, router: Optional[Callable] = None,
-                   experts: Optional[Any] = None, grouped_backend: Optional[str] = None,
-                   vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+def gpt_block_spec(
+    config,
+    use_transformer_engine: bool,
+    *,
+    router: Callable | None = None,
+    experts: Any | None = None,
+    grouped_backend: str | None = None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+) -> TransformerBlockSubmodules:
     """Megatron's GPT decoder block spec for this PP/VPP stage, with plugin modules swapped in
     (``patch_block_spec``)."""
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
-                                      normalization=config.normalization, vp_stage=vp_stage,
-                                      pp_rank=pp_rank)
-    return patch_block_spec(spec, config, use_transformer_engine, router=router, experts=experts,
-                            grouped_backend=grouped_backend)
+    spec = get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=use_transformer_engine,
+        normalization=config.normalization,
+        vp_stage=vp_stage,
+        pp_rank=pp_rank,
+    )
+    return patch_block_spec(
+        spec, config, use_transformer_engine, router=router, experts=experts, grouped_backend=grouped_backend
+    )

@@ -20,13 +20,13 @@ Routers that need no σ keep exactly Megatron's state dict.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_reg.integration.aux_loss import attach_local_mean_loss
+from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
+from megatron_moe_reg.integration.megatron.norms import mark_sequence_parallel
 from megatron_moe_reg.losses.router_penalties import (
     EPS,
     power_iteration,
@@ -44,7 +44,7 @@ class RoutingRecord:
     """One forward's routing on this rank (its sequence-parallel shard of the micro-batch)."""
 
     routing_map: torch.Tensor  # [T, E] bool
-    padding_mask: Optional[torch.Tensor]  # [T] bool, True = padding (Megatron's router convention)
+    padding_mask: torch.Tensor | None  # [T] bool, True = padding (Megatron's router convention)
 
     @property
     def num_tokens(self) -> int:
@@ -59,16 +59,22 @@ class RoutingRecord:
 def tag_router_parameter(param: torch.nn.Parameter, config) -> torch.nn.Parameter:
     """New router parameters are replicated over TP: their gradients are summed over TP like the
     router weight's (Megatron's ``sequence_parallel`` attribute)."""
-    setattr(param, "sequence_parallel", config.sequence_parallel)
+    mark_sequence_parallel(param, config.sequence_parallel)
     return param
 
 
-class PluginRouterMixin:
+if TYPE_CHECKING:  # the mixin is always combined with Megatron's TopKRouter (or a subclass)
+    from megatron.core.transformer.moe.router import TopKRouter as _RouterBase
+else:
+    _RouterBase = object
+
+
+class PluginRouterMixin(_RouterBase):
     """Mix in before a ``TopKRouter`` (sub)class; call ``_init_plugin(plugin)`` in ``__init__``."""
 
     moe_reg_observers: tuple = ()
-    moe_reg_last_routing: Optional[RoutingRecord] = None
-    moe_reg_step: Optional[int] = None  # the optimizer step being run
+    moe_reg_last_routing: RoutingRecord | None = None
+    moe_reg_step: int | None = None  # the optimizer step being run
     moe_reg_measure: bool = False
     tracker = None
     moe_reg_stats = None  # RoutingStats when measurements are on
@@ -76,8 +82,8 @@ class PluginRouterMixin:
 
     def _init_plugin(self, plugin) -> None:
         self.plugin = plugin
-        self._power_step: Optional[int] = -1
-        self._measured_step: Optional[int] = -1
+        self._power_step: int | None = -1
+        self._measured_step: int | None = -1
         if self.needs_sigma or self.penalties_enabled:
             rows, cols = self.penalty_matrix_shape()
             u = torch.randn(rows, generator=torch.Generator().manual_seed(20260115), dtype=torch.float32)
@@ -124,12 +130,12 @@ class PluginRouterMixin:
         # copies: the buffers are updated in place on the next step, after this graph may be kept
         return sigma_from_vectors(W, self.power_u.clone(), self.power_v.clone())
 
-    def orthonormality_error(self) -> Optional[torch.Tensor]:
+    def orthonormality_error(self) -> torch.Tensor | None:
         """max |UᵀU - I| of the router's orthonormal bases (eigenbasis routers)."""
         return None
 
     # -------------------------------------------------------------- routing
-    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training:
             flat_mask = None if padding_mask is None else padding_mask.reshape(-1)
@@ -150,8 +156,11 @@ class PluginRouterMixin:
         p = self.plugin
         W = self.penalty_matrix()
         sigma = self.router_sigma()
-        kwargs = dict(tp_cp_size=self.tp_cp_group.size(), calculate_per_token_loss=self.calculate_per_token_loss,
-                      num_local_tokens=routing.keep_mask().sum())
+        kwargs = dict(
+            tp_cp_size=self.tp_cp_group.size(),
+            calculate_per_token_loss=self.calculate_per_token_loss,
+            num_local_tokens=routing.keep_mask().sum(),
+        )
         if p.moe_router_spectral_penalty_coeff > 0:
             penalty = spectral_penalty(sigma, p.moe_router_spectral_target)
             probs = attach_local_mean_loss(probs, penalty, p.moe_router_spectral_penalty_coeff, **kwargs)
@@ -169,8 +178,9 @@ class PluginRouterMixin:
         if self.moe_reg_measure and self.tracker is not None:
             scores = logits.detach().reshape(-1, self.config.num_moe_experts)
             entropy = routing_entropy(router_distribution(scores, self.config.moe_router_score_function), keep)
-            self.tracker.record("routing_entropy", entropy, self.layer_number, self.config.num_layers,
-                                avg_group=self.tp_cp_group)
+            self.tracker.record(
+                "routing_entropy", entropy, self.layer_number, self.config.num_layers, avg_group=self.tp_cp_group
+            )
 
     def _record_geometry(self) -> None:
         """Exact σ_max and stable rank (and basis orthonormality error) once per measured step."""
@@ -182,18 +192,12 @@ class PluginRouterMixin:
             W = self.penalty_matrix().detach().to(self._compute_dtype())
             sigma = torch.linalg.matrix_norm(W, ord=2)
             self.tracker.record("router_sigma_max", sigma, self.layer_number, num_layers)
-            self.tracker.record("router_stable_rank", stable_rank(W, sigma.clamp_min(EPS)), self.layer_number,
-                                num_layers)
-            self.tracker.record("router_row_orthogonality_error", row_orthogonality_error(W), self.layer_number,
-                                num_layers)
+            self.tracker.record(
+                "router_stable_rank", stable_rank(W, sigma.clamp_min(EPS)), self.layer_number, num_layers
+            )
+            self.tracker.record(
+                "router_row_orthogonality_error", row_orthogonality_error(W), self.layer_number, num_layers
+            )
             error = self.orthonormality_error()
             if error is not None:
                 self.tracker.record("router_basis_orthonormality_error", error, self.layer_number, num_layers)
-
-
-class PluginTopKRouter(PluginRouterMixin, TopKRouter):
-    """Megatron's top-k router (``--moe-router-type topk``), observable by the plugin."""
-
-    def __init__(self, config, pg_collection=None, plugin=None, **kwargs):
-        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
-        self._init_plugin(plugin)

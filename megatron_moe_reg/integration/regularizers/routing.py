@@ -9,7 +9,9 @@ tokens). The statistics (``metrics.load_statistics``) are then computed per laye
 global counts, so they equal the single-process values for any DP/TP/EP/PP layout.
 
 Routing entropy (``metrics.routing_entropy``) is recorded through the plugin tracker on measured
-steps, a local token mean averaged like Megatron's z-loss (TP x CP, then DP).
+steps, a local token mean averaged like Megatron's z-loss (TP x CP, then DP); so is the router
+geometry (σ_max, stable rank, row orthogonality, basis orthonormality; ``routers.base``), once per
+measured step and router.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_moe_reg.integration.tracker import metrics_device
+from megatron_moe_reg.config import PluginConfig
+from megatron_moe_reg.integration.megatron.tracker import metrics_device
+from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
 from megatron_moe_reg.metrics.routing import LOAD_STATISTICS, load_statistics, percentiles
 
 
@@ -62,3 +66,39 @@ class RoutingStats:
             for key, value in out.items():
                 writer.add_scalar(f"{prefix}/{key}", value, iteration)
         return out
+
+
+GEOMETRY = ("router_sigma_max", "router_stable_rank", "router_row_orthogonality_error")
+
+
+class RoutingMetrics(RegularizerBase):
+    """Routing entropy, router geometry (recorded by the plugin routers) and expert load statistics."""
+
+    def __init__(self, stats: RoutingStats, plugin: PluginConfig):
+        self.stats, self.plugin = stats, plugin
+        self.measure = False
+
+    def begin_step(self, plan: StepPlan) -> None:
+        self.measure = plan.measure
+
+    def metric_names(self, plan: StepPlan) -> list[str]:
+        if not plan.measure:
+            return []
+        names = ["routing_entropy", *GEOMETRY]
+        if self.plugin.moe_router_type in ("ermoe", "emoe"):
+            names.append("router_basis_orthonormality_error")
+        if self.plugin.moe_router_type == "ermoe" and self.plugin.moe_eigen_threshold is not None:
+            names.append("eigen_qualified_fraction")
+        return names
+
+    def report(self, iteration: int, writer, per_layer: bool) -> dict[str, float]:
+        return self.stats.report(iteration, writer=writer, per_layer=per_layer) if self.measure else {}
+
+
+def build(ctx: InstallContext) -> RoutingMetrics | None:
+    if not ctx.plugin.moe_reg_measure:
+        return None
+    stats = RoutingStats(ctx.num_layers, ctx.config.num_moe_experts, ctx.config.sequence_parallel)
+    for layer in ctx.layers:
+        layer.router.moe_reg_stats = stats
+    return RoutingMetrics(stats, ctx.plugin)

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from megatron_moe_reg.integration.aux_loss import aux_loss_backward_scale, local_mean_scale
+from megatron_moe_reg.config import moe_layer_pattern
+from megatron_moe_reg.integration.megatron.aux_loss import aux_loss_backward_scale, local_mean_scale
+from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
 from megatron_moe_reg.losses.coupling import coupling_from_masses, routing_distribution, topk_mass
 from megatron_moe_reg.losses.specialization import masked_mean
 
@@ -46,8 +47,8 @@ class CouplingRecord:
 
     masses: dict = field(default_factory=dict)  # layer_number -> m (detached), [T]
     grad_done: set = field(default_factory=set)  # layers that attached their halves
-    received_prev: Optional[torch.Tensor] = None  # mass of the previous stage's last MoE layer
-    pending_next: Optional[Callable[[], torch.Tensor]] = None  # fetches the next stage's mass
+    received_prev: torch.Tensor | None = None  # mass of the previous stage's last MoE layer
+    pending_next: torch.Tensor | None = None  # the next stage's mass, received in backward
 
 
 class _DeferredHalf(torch.autograd.Function):
@@ -104,31 +105,55 @@ class PipelineNeighbours:
         return buf
 
 
-class CouplingController:
+class CouplingController(RegularizerBase):
     """Owns the records, the pairing of MoE layers and the attachment of R_cp's halves."""
 
-    def __init__(self, *, coeff: float, variant: str, moe_layers: list[int], local_layers: list[int],
-                 layer_stage: dict[int, int], tracker, num_layers: int, calculate_per_token_loss: bool):
+    coefficient_field = "moe_coupling_loss_coeff"
+
+    def __init__(
+        self,
+        *,
+        coeff: float,
+        variant: str,
+        moe_layers: list[int],
+        local_layers: list[int],
+        layer_stage: dict[int, int],
+        tracker,
+        num_layers: int,
+        calculate_per_token_loss: bool,
+    ):
         self.coeff, self.variant = coeff, variant
         self.tracker, self.num_layers = tracker, num_layers
         self.calculate_per_token_loss = calculate_per_token_loss
         self.local = sorted(local_layers)
-        self.prev = {b: a for a, b in zip(moe_layers, moe_layers[1:])}
-        self.next = {a: b for a, b in zip(moe_layers, moe_layers[1:])}
+        self.prev = {b: a for a, b in zip(moe_layers, moe_layers[1:], strict=False)}
+        self.next = {a: b for a, b in zip(moe_layers, moe_layers[1:], strict=False)}
         self.stage = layer_stage
         self.records: collections.deque[CouplingRecord] = collections.deque()
         self._pending: list = []
         self.measure = False
-        self.neighbours: Optional[PipelineNeighbours] = None
+        self.neighbours: PipelineNeighbours | None = None
         my_stage = layer_stage[self.local[0]] if self.local else None
         self.my_stage = my_stage
         # Pairs whose previous MoE layer is two or more stages back cannot be coupled.
-        self.skipped_pairs = sorted((a, b) for b, a in self.prev.items()
-                                    if layer_stage[b] - layer_stage[a] > 1)
+        self.skipped_pairs = sorted((a, b) for b, a in self.prev.items() if layer_stage[b] - layer_stage[a] > 1)
 
     @property
     def active(self) -> bool:
         return self.coeff > 0 or self.measure
+
+    # ------------------------------------------------------------------ regularizer protocol
+    def begin_step(self, plan: StepPlan) -> None:
+        self.measure = plan.measure
+
+    def metric_names(self, plan: StepPlan) -> list[str]:
+        return ["coupling_loss"] if self.coeff > 0 or plan.measure else []
+
+    def set_coefficient(self, value: float) -> None:
+        self.coeff = value
+
+    def end_step(self) -> None:
+        self.finish_step()
 
     def needs_neighbours(self) -> bool:
         return any(self.stage[b] - self.stage[a] == 1 for b, a in self.prev.items())
@@ -139,7 +164,7 @@ class CouplingController:
         if self.active and self.local:
             self.records.append(CouplingRecord())
 
-    def _record_for(self, layer: int, with_grad: bool) -> Optional[CouplingRecord]:
+    def _record_for(self, layer: int, with_grad: bool) -> CouplingRecord | None:
         if not self.records:
             return None
         if not with_grad:
@@ -154,8 +179,14 @@ class CouplingController:
             self.records.popleft()
 
     # ------------------------------------------------------------------ router hook
-    def after_routing(self, router, logits: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
-                      padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def after_routing(
+        self,
+        router,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        routing_map: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Called by every plugin router in training; returns ``probs`` with R_cp halves attached.
 
         A call with gradients disabled (the first pass of a recomputed layer) only stores the
@@ -172,22 +203,24 @@ class CouplingController:
         first_call = layer not in record.masses
         scores = routing_distribution(logits.reshape(-1, logits.shape[-1]), router.score_function)
         m = topk_mass(scores, router.topk, routing_map)
-        keep = (torch.ones_like(m, dtype=torch.bool) if padding_mask is None
-                else ~padding_mask.reshape(-1).to(torch.bool))
+        keep = (
+            torch.ones_like(m, dtype=torch.bool) if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
+        )
         record.masses[layer] = m.detach()
         if first_call:
             self._exchange_with_neighbours(layer, record, m)
         if not with_grad:
             return probs
         attach = self.coeff > 0
-        scale = local_mean_scale(self.coeff, router.tp_cp_group.size(), self.calculate_per_token_loss,
-                                 keep.sum())
+        scale = local_mean_scale(self.coeff, router.tp_cp_group.size(), self.calculate_per_token_loss, keep.sum())
         prev = self.prev.get(layer)
         if prev is not None and (prev, layer) not in self.skipped_pairs:
             m_prev = record.received_prev if self.stage[prev] != self.stage[layer] else record.masses[prev]
+            assert m_prev is not None, "the previous stage's mass arrives before this layer runs"
             later_half = masked_mean(coupling_from_masses(m_prev.detach().to(m), m, self.variant), keep)
-            self.tracker.record("coupling_loss", later_half.detach(), layer, self.num_layers,
-                                avg_group=router.tp_cp_group)
+            self.tracker.record(
+                "coupling_loss", later_half.detach(), layer, self.num_layers, avg_group=router.tp_cp_group
+            )
             if attach:
                 probs = MoEAuxLossAutoScaler.apply(probs, later_half * scale)
         nxt = self.next.get(layer)
@@ -227,11 +260,12 @@ class CouplingController:
             self._pending.append(self.neighbours.send(m, self.stage[nxt], _TAG_FORWARD))
 
     def _fetch_from_next_stage(self, record: CouplingRecord, like: torch.Tensor):
-        next_stage = self.my_stage + 1
+        assert self.my_stage is not None and self.neighbours is not None
+        next_stage, neighbours = self.my_stage + 1, self.neighbours
 
         def fetch():
             if record.pending_next is None:
-                record.pending_next = self.neighbours.recv(like.detach(), next_stage, _TAG_BACKWARD)
+                record.pending_next = neighbours.recv(like.detach(), next_stage, _TAG_BACKWARD)
             return record.pending_next
 
         return fetch
@@ -242,3 +276,44 @@ class CouplingController:
             work.wait()
         self._pending.clear()
         self.records.clear()
+
+
+def _layer_stages(local_layers: list[int]) -> dict[int, int]:
+    """Global MoE layer number -> pipeline stage, gathered over the pipeline group."""
+    from megatron.core import parallel_state as ps
+
+    mine = (ps.get_pipeline_model_parallel_rank(), local_layers)
+    group = ps.get_pipeline_model_parallel_group()
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return {layer: stage for stage, layers in everyone for layer in layers}
+
+
+def build(ctx: InstallContext) -> CouplingController | None:
+    """The coupling controller when the model has two MoE layers or more (collective over PP)."""
+    moe_numbers = [i + 1 for i, v in enumerate(moe_layer_pattern(ctx.config.moe_layer_freq, ctx.num_layers)) if v]
+    if len(moe_numbers) < 2:
+        return None
+    local = sorted(layer.layer_number for layer in ctx.layers)
+    controller = CouplingController(
+        coeff=ctx.plugin.moe_coupling_loss_coeff,
+        variant=ctx.plugin.moe_coupling_loss_variant,
+        moe_layers=moe_numbers,
+        local_layers=local,
+        layer_stage=_layer_stages(local),
+        tracker=ctx.tracker,
+        num_layers=ctx.num_layers,
+        calculate_per_token_loss=ctx.config.calculate_per_token_loss,
+    )
+    if controller.needs_neighbours():
+        controller.neighbours = PipelineNeighbours()
+    for layer in ctx.layers:
+        layer.router.moe_reg_observers = (controller,)
+
+    def begin_forward(module, args) -> None:
+        if module.training:
+            controller.begin_forward()
+
+    for chunk in ctx.chunks:
+        chunk.register_forward_pre_hook(begin_forward)
+    return controller

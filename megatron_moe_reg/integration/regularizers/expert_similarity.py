@@ -11,8 +11,9 @@ Every expert f_e is evaluated on the sample by the ranks that hold it: the sourc
 sample over its expert TP x EP group, each rank runs its local experts (fc2 partial sums summed
 over expert-TP), the outputs are gathered over EP, and the source computes
 ``metrics.pairwise_expert_similarity`` (SimBal's PES) and ``metrics.activation_mso`` and records
-them (only the source records; the report sums over the pipeline group only, so rank 0 prints it). Cost per MoE layer at each
-metrics step: E_local expert passes over S tokens per rank and one gather of E x S x H values.
+them (only the source records; the report sums over the pipeline group only, so rank 0 prints it).
+Cost per MoE layer at each metrics step: E_local expert passes over S tokens per rank and one gather
+of E x S x H values.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_moe_reg.integration.expert_weights import local_expert_outputs
+from megatron_moe_reg.integration.megatron.expert_weights import local_expert_outputs
+from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
 from megatron_moe_reg.metrics.overlap import activation_mso, pairwise_expert_similarity
 
 
 def _is_source() -> bool:
     from megatron.core import parallel_state as ps
 
-    return (ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0)
+    return (
+        ps.get_data_parallel_rank() == 0
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
 
 
 class ExpertSimilarityProbe:
@@ -78,3 +83,26 @@ class ExpertSimilarityProbe:
         if self.is_source:
             for name, value in (("pes", pairwise_expert_similarity(out)), ("activation_mso", activation_mso(out))):
                 self.tracker.record(name, value, self.layer.layer_number, self.num_layers, needs_dp_avg=False)
+
+
+class ExpertSimilarity(RegularizerBase):
+    """PES and activation MSO of every MoE layer, at ``--moe-metrics-interval`` steps (no gradient)."""
+
+    def __init__(self, probes: list[ExpertSimilarityProbe]):
+        self.probes = probes
+
+    def begin_step(self, plan: StepPlan) -> None:
+        for probe in self.probes:
+            probe.begin_step(plan.expensive)
+
+    def metric_names(self, plan: StepPlan) -> list[str]:
+        return ["pes", "activation_mso"] if plan.expensive else []
+
+
+def build(ctx: InstallContext) -> ExpertSimilarity | None:
+    if not ctx.plugin.moe_metrics_interval:
+        return None
+    sample = ctx.plugin.moe_metrics_sample_tokens
+    return ExpertSimilarity(
+        [ExpertSimilarityProbe(layer, sample_tokens=sample, **ctx.recording) for layer in ctx.layers]
+    )

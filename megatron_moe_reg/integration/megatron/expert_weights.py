@@ -21,8 +21,9 @@ def local_expert_outputs(experts, sample_SH: torch.Tensor, num_local: int) -> to
     s = sample_SH.shape[0]
     dtype = next(experts.parameters()).dtype
     rows = sample_SH.to(dtype).repeat(num_local, 1)
-    out, _ = experts(rows, torch.full((num_local,), s), torch.ones(rows.shape[0], dtype=torch.float32,
-                                                                   device=rows.device))
+    out, _ = experts(
+        rows, torch.full((num_local,), s), torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device)
+    )
     return out.float().reshape(num_local, s, -1)
 
 

@@ -12,14 +12,28 @@ from __future__ import annotations
 import torch
 
 
+def mark_sequence_parallel(param: torch.Tensor, flag: bool) -> None:
+    """Megatron's tag: ``finalize_model_grads`` all-reduces over TP the gradients of parameters
+    whose ``sequence_parallel`` attribute is True (their ranks saw different tokens)."""
+    setattr(param, "sequence_parallel", flag)  # noqa: B010  # an attribute torch's Tensor type does not declare
+
+
 class SequenceParallelTorchNorm:
     """Drop-in for ``WrappedTorchNorm`` (same constructor) that supports sequence parallelism."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+    def __new__(
+        cls,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
         if config.layernorm_zero_centered_gamma:
             raise ValueError("zero-centered gamma is not supported by the torch norm")
         kind = config.normalization
+        norm: torch.nn.Module
         if kind == "RMSNorm":
             norm = torch.nn.RMSNorm(hidden_size, eps=eps)
         elif kind == "LayerNorm":
@@ -27,5 +41,5 @@ class SequenceParallelTorchNorm:
         else:
             raise ValueError(f"normalization {kind!r} is not supported by the torch norm")
         for param in norm.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            mark_sequence_parallel(param, config.sequence_parallel)
         return norm
