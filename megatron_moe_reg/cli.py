@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_moe_reg.analysis.cli:main",
         "routing report of checkpoints: metrics.json, plots and index.html",
     ),
+    "megatron-lm": (
+        "megatron_moe_reg.integration.megatron_lm.entry:main",
+        "Megatron-LM's own pretrain() with the plugin, from megatron-core 0.19+'s megatron.training",
+    ),
     "adapt": (
         "megatron_moe_reg.analysis.adapt:main",
         "fine-tune the experts of a held-out domain and measure interference (SR-MoE's test)",

@@ -33,4 +33,5 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated")
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="Only transformer-engine>=")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")

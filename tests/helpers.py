@@ -22,11 +22,15 @@ TINY_MODEL = [
 MOCK = ["--mock-data"]
 
 
+STAND_INS = str(Path(__file__).parent / "stand_ins")  # typing.override for megatron.training on 3.11
+
+
 def _env() -> dict:
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([STAND_INS, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
@@ -150,3 +154,80 @@ ROUTER_FLAGS = {
     "emoe": ["--moe-router-type", "emoe", "--moe-eigen-rank", "4", "--moe-emoe-ortho-coeff", "1e-2"],
 }
 PENALTIES = ["--moe-router-spectral-penalty-coeff", "0.1", "--moe-router-stable-rank-coeff", "0.1"]
+
+
+# ---------------------------------------------------------------- Megatron-LM's own loop
+ROOT = Path(__file__).resolve().parents[1]
+CHECKOUT = os.environ.get("MEGATRON_LM_PATH")  # a Megatron-LM checkout: run its pretrain_gpt.py instead
+MEGATRON_LM_MODEL = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3",
+    "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--disable-bias-linear",
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64", "--mock-data",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--log-interval", "1", "--eval-iters", "0",
+    "--eval-interval", "1000", "--hidden-dropout", "0", "--attention-dropout", "0",
+]
+
+
+def megatron_lm_available() -> bool:
+    """Megatron-LM's loop can run: a checkout is named, or megatron-core ships megatron.training (0.19+)."""
+    if CHECKOUT:
+        return True
+    import importlib.util
+
+    from megatron.core import package_info
+    from packaging.version import Version
+
+    return Version(package_info.__version__) >= Version("0.19") and importlib.util.find_spec(
+        "megatron.training") is not None
+
+
+def run_megatron_lm(flags: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
+                    env: dict | None = None) -> subprocess.CompletedProcess:
+    """Megatron-LM's pretrain() with the plugin under torchrun: ``moe-reg megatron-lm FLAGS``, or with
+    MEGATRON_LM_PATH the checkout's pretrain_gpt.py through patches/pretrain_gpt_moe_reg.py."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    if CHECKOUT:
+        cmd, cwd = [*launch, str(ROOT / "patches" / "pretrain_gpt_moe_reg.py"), *flags], CHECKOUT
+    else:
+        cmd, cwd = [*launch, "-m", "megatron_moe_reg.cli", "megatron-lm", *flags], None
+    full_env = {**_env(), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def plugin_lines(stdout: str) -> dict[int, dict[str, float]]:
+    """The plugin's ``moe-reg | iteration N | name value | ...`` lines: {N: {name: value}}."""
+    out = {}
+    for line in stdout.splitlines():
+        if "moe-reg | iteration " not in line:
+            continue
+        fields = line.split("moe-reg | iteration ")[1].split(" | ")
+        out[int(fields[0])] = {k: float(v) for k, v in (f.rsplit(" ", 1) for f in fields[1:])}
+    return out
+
+
+def megatron_lm_losses(stdout: str) -> dict[int, float]:
+    """{iteration: lm loss} of Megatron-LM's own iteration lines."""
+    import re
+
+    found = re.findall(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)", stdout)
+    return {int(i): float(v) for i, v in found}
+
+
+def checkpoint_tensors(path: str | Path) -> dict:
+    """Every tensor of a torch_dist checkpoint directory (model and optimizer state), read with torch's
+    distributed-checkpoint reader alone: no process group, and whichever megatron-core wrote it."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.items()
+               if isinstance(m, TensorStorageMetadata)}
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors

@@ -14,14 +14,16 @@ pytestmark = pytest.mark.compat
 def test_every_patch_row_is_documented_and_finds_its_target():
     """Every row of the one patch table that applies to this megatron-core finds its target, so no
     row silently does nothing: megatron-core's and torch's always, Megatron-LM's ``megatron.training``
-    where this megatron-core ships it (0.19+ wheels)."""
+    where this megatron-core ships it (0.19+ wheels). (The rows on a checkout's scripts are applied,
+    and so resolved, by tests/test_megatron_lm_loop.py with MEGATRON_LM_PATH.)"""
     assert cpu_runtime.activate() is (not torch.cuda.is_available())
     for patch in patches.PATCHES:
-        assert patch.reason and patch.versions and patch.scope in ("cpu", "megatron-lm", "compat"), patch.key
+        scopes = ("cpu", "megatron-lm", "megatron-lm-cpu", "compat")
+        assert patch.reason and patch.versions and patch.scope in scopes, patch.key
         assert patch.kind in ("replace", "define", "mutate") and patch.source in patches.SOURCES, patch.key
     sources = ["megatron-core"]
     if patches.installed_version() >= Version("0.19"):
-        sources.append("megatron.training")
+        sources.append("megatron-lm")
     assert patches.unresolved_targets(sources=tuple(sources)) == []
     assert patches.rows("cpu") and all(p.scope == "cpu" for p in patches.rows("cpu"))
 

@@ -57,6 +57,20 @@ class StepPolicy:
         return StepPlan(measure=measure, expensive=expensive)
 
 
+CONSOLE_METRICS = frozenset({"routing_entropy", "load_max_violation", "dead_experts", "pes"})
+
+
+def on_console(key: str, loss_layers: bool = False) -> bool:
+    """Whether a reported value is shown in the console line of a driver: the losses (with
+    ``loss_layers``, also per layer) and a few routing summaries (``CONSOLE_METRICS``); the other
+    per-layer values, percentiles over layers and metrics go to TensorBoard, W&B and JSON lines."""
+    if "_layer_" in key:
+        return loss_layers and key.split("_layer_")[0].endswith("loss")
+    if key.endswith(("_p50", "_p90", "_p95")):
+        return False
+    return key.endswith("loss") or key in CONSOLE_METRICS
+
+
 def _check_model(config: Any, layers: list, plugin: PluginConfig) -> None:
     if config.mtp_num_layers:
         raise ConfigError("the plugin's losses do not support multi-token prediction layers yet (--mtp-num-layers)")

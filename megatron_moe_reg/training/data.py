@@ -24,36 +24,69 @@ def dataset_sizes(cfg: RunConfig) -> list[int]:
 
 def build_datasets(cfg: RunConfig, tokenizer) -> tuple:
     d = cfg.data
+    return build_gpt_datasets(
+        dataset_sizes(cfg),
+        tokenizer,
+        seed=cfg.train.seed,
+        seq_length=cfg.model.seq_length,
+        data_path=d.data_path,
+        split=d.split,
+        train_data_path=d.train_data_path,
+        valid_data_path=d.valid_data_path,
+        test_data_path=d.test_data_path,
+        data_cache_path=d.data_cache_path,
+        mock_data=d.mock_data,
+    )
+
+
+def build_gpt_datasets(
+    sizes: list[int],
+    tokenizer,
+    *,
+    seed: int,
+    seq_length: int,
+    data_path: list[str] | None,
+    split: str | None,
+    train_data_path: list[str] | None = None,
+    valid_data_path: list[str] | None = None,
+    test_data_path: list[str] | None = None,
+    data_cache_path: str | None = None,
+    mock_data: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    built_on_this_rank=lambda: True,
+) -> tuple:
+    """(train, valid, test) GPT datasets of ``sizes`` samples, with Megatron-LM's data flags."""
     blend_per_split = None
-    if d.train_data_path:
+    if train_data_path:
         blend_per_split = [
-            get_blend_from_list(d.train_data_path),
-            get_blend_from_list(d.valid_data_path),
-            get_blend_from_list(d.test_data_path),
+            get_blend_from_list(train_data_path),
+            get_blend_from_list(valid_data_path),
+            get_blend_from_list(test_data_path),
         ]
     config = GPTDatasetConfig(
-        random_seed=cfg.train.seed,
-        sequence_length=cfg.model.seq_length,
-        blend=get_blend_from_list(d.data_path),
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=get_blend_from_list(data_path),
         blend_per_split=blend_per_split,
-        split=d.split if d.data_path else None,
-        path_to_cache=d.data_cache_path,
+        split=split if data_path else None,
+        path_to_cache=data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
     )
-    cls = MockGPTDataset if d.mock_data else GPTDataset
+    cls = MockGPTDataset if mock_data else GPTDataset
     gpt_logger = logging.getLogger(GPTDataset.__module__)
     level = gpt_logger.level
-    if d.mock_data:  # mock indices are never cached; megatron warns about that on every build
+    if mock_data:  # mock indices are never cached; megatron warns about that on every build
         gpt_logger.setLevel(logging.ERROR)
     try:
-        train, valid, test = BlendedMegatronDatasetBuilder(cls, dataset_sizes(cfg), lambda: True, config).build()
+        return BlendedMegatronDatasetBuilder(cls, sizes, built_on_this_rank, config).build()
     finally:
         gpt_logger.setLevel(level)
-    return train, valid, test
 
 
 class MicroBatchSampler:

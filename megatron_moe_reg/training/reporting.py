@@ -8,17 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_moe_reg.integration.install import on_console
 from megatron_moe_reg.training.distributed import is_rank0
-
-CONSOLE_METRICS = frozenset({"routing_entropy", "load_max_violation", "dead_experts", "pes"})
-
-
-def _detail(key: str) -> bool:
-    """What goes to TensorBoard and JSON lines only: per-layer values, percentiles over layers and
-    metrics other than the losses and a few routing summaries (``CONSOLE_METRICS``)."""
-    if "_layer_" in key or key.endswith(("_p50", "_p90", "_p95")):
-        return True
-    return not (key.endswith("loss") or key in CONSOLE_METRICS)
 
 
 class Reporter:
@@ -91,7 +82,7 @@ class Reporter:
             f"grad norm {avg['grad norm']:.3f}",
         ]
         shown = {"lm loss", "lr", "grad norm", "tokens", "tokens/s", "step seconds", "skipped"}
-        parts += [f"{k} {v:.5g}" for k, v in avg.items() if k not in shown and not _detail(k)]
+        parts += [f"{k} {v:.5g}" for k, v in avg.items() if k not in shown and on_console(k)]
         parts += [f"tokens/s {avg['tokens/s']:,.0f}", f"ms/step {1000 * avg['step seconds']:.0f}"]
         if avg["skipped"]:
             parts.append(f"skipped {avg['skipped']}")

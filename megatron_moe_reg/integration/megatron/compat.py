@@ -19,6 +19,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from packaging.version import Version
 
+from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.integration.megatron import patches
 
 MCORE_VERSION = Version(package_info.__version__)
@@ -28,7 +29,7 @@ SUPPORTED = (Version("0.16.0"), Version("0.20.0"))
 def check_version() -> None:
     low, high = SUPPORTED
     if not (low <= MCORE_VERSION < high):
-        raise RuntimeError(f"megatron-core {MCORE_VERSION} is not supported; install megatron-core>={low},<{high}")
+        raise ConfigError(f"megatron-core {MCORE_VERSION} is not supported; install megatron-core>={low},<{high}")
 
 
 def is_moe_spec(mlp_spec: Any) -> bool:

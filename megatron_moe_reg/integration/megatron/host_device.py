@@ -163,3 +163,118 @@ def cpu_rng_tracker(_original: Any) -> Any:
                 torch.set_rng_state(original)
 
     return CPURNGStatesTracker()
+
+
+# ---------------------------------------------------------------- Megatron-LM's initialize path without CUDA
+
+
+def allow_no_cuda(original: Callable) -> Callable:
+    """``initialize_megatron`` called with ``allow_no_cuda=True``."""
+
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return original(*args, **kwargs)
+
+    return initialize_megatron
+
+
+def one_visible_device(original: Callable) -> Callable:
+    """While ``original`` runs, ``torch.cuda.device_count()`` is 1 and ``torch.cuda.set_device`` does
+    nothing (Megatron-LM creates its parallel groups and seeds only when it counts a device)."""
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        count, set_device = torch.cuda.device_count, torch.cuda.set_device
+        torch.cuda.device_count = lambda: 1  # the one device of a CPU run
+        torch.cuda.set_device = lambda device: None
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.device_count, torch.cuda.set_device = count, set_device
+
+    return wrapper
+
+
+def skip_when_helpers_import(original: Callable) -> Callable:
+    """``compile_helpers``: nothing to build when the compiled dataset helper already imports."""
+
+    @functools.wraps(original)
+    def compile_helpers(*args, **kwargs):
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            return original(*args, **kwargs)
+        return None
+
+    return compile_helpers
+
+
+def nothing(*args, **kwargs) -> None:
+    """A loader with nothing to load."""
+
+
+def no_device_arch(*args, **kwargs) -> int:
+    """``get_device_arch_version`` of a machine without a GPU."""
+    return 0
+
+
+def optimizer_states_before_load(original: Callable) -> Callable:
+    """``DistributedOptimizer.sharded_state_dict``: without Apex or TransformerEngine megatron-core
+    reads the Adam step from the per-parameter states, which torch's Adam creates only at its first
+    step, so asking for the state to load a checkpoint into fails (``assert len(steps) == 1``).
+    Before a load, empty states (step 0, zero moments) are created; the load replaces the moments.
+    The step itself is not in such a checkpoint (megatron-core keeps it only in the optimizer's
+    parameter groups, which its ``dp_reshardable`` format does not store): the optimizer is marked
+    ``moe_reg_step_missing`` for the add-on to restore it (``set_adam_step``)."""
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        module = importlib.import_module(type(self).__module__)
+        if is_loading and not getattr(module, "HAVE_APEX_OR_TE", True) and not self.optimizer.state:
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    state = {"step": torch.zeros((), dtype=torch.float32)}
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    self.optimizer.state[param] = state
+            self.moe_reg_step_missing = True
+        if model_sharded_state_dict is None:
+            model_sharded_state_dict = {}
+        return original(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    return sharded_state_dict
+
+
+def optimizer_state_load(original: Callable) -> Callable:
+    """``DistributedOptimizer.load_state_dict`` under ``torch.no_grad()`` (with fp32 parameters the
+    main parameters are views of the model's leaves), and, afterwards, one Adam step tensor per
+    parameter: without Apex or TransformerEngine megatron-core gives every parameter the same
+    tensor, which torch's Adam then increments once per parameter and step."""
+
+    @functools.wraps(original)
+    def load_state_dict(self, *args, **kwargs):
+        with torch.no_grad():
+            out = original(self, *args, **kwargs)
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                state["step"] = step.clone()
+        return out
+
+    return load_state_dict
+
+
+def set_adam_step(optimizer: Any, step: int) -> bool:
+    """Give every Adam state of the (chained) optimizers marked ``moe_reg_step_missing`` the step
+    ``step``; returns whether any was marked."""
+    found = False
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(inner, "moe_reg_step_missing", False):
+            for state in inner.optimizer.state.values():
+                state["step"] = torch.tensor(float(step))
+            inner.moe_reg_step_missing = False
+            found = True
+    return found

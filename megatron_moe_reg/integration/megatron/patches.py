@@ -6,14 +6,16 @@ why it is needed, and when it is applied (``scope``):
 - ``cpu``: by the CPU runtime layer (``cpu_runtime.activate``), only when CUDA is absent, for the
   life of the process;
 - ``megatron-lm``: while the add-on runs Megatron-LM's ``pretrain`` (``replaced``), restored after;
+- ``megatron-lm-cpu``: Megatron-LM's initialize path without CUDA, while the add-on runs it on a CPU;
 - ``compat``: Megatron state that ``compat`` edits in place when it reports.
 
 ``kind``: ``replace`` (the attribute exists and is replaced), ``define`` (the attribute is missing
 in those versions and is defined) or ``mutate`` (an object reached through the target is edited).
-``source``: where the target's module comes from — the megatron-core package, Megatron-LM's
-``megatron.training`` (in a checkout, and in megatron-core wheels from 0.19), or the scripts of a
-Megatron-LM checkout. ``unresolved_targets`` lists the rows in range whose target is missing, so a
-test fails when a row would silently do nothing.
+``source``: where the target's module comes from — the megatron-core package, Megatron-LM's own
+packages (``megatron.training``, ``megatron.legacy``: in a checkout, and ``megatron.training`` in
+megatron-core wheels from 0.19), or the scripts of a Megatron-LM checkout (``gpt_builders.py``).
+``unresolved_targets`` lists the rows in range whose target is missing, so a test fails when a row
+would silently do nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from packaging.version import Version
 
 from megatron_moe_reg.integration.megatron import host_device as host
 
-SOURCES = ("megatron-core", "megatron.training", "megatron-lm-checkout")
+SOURCES = ("megatron-core", "megatron-lm", "megatron-lm-checkout")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,17 @@ def _cpu(
     key: str, target: str, reason: str, make: Callable[[Any], Any], versions: str = "0.16-0.19", kind: str = "replace"
 ) -> Patch:
     return Patch(key, target, versions, reason, "cpu", make, kind)
+
+
+def _lm_cpu(
+    key: str,
+    target: str,
+    reason: str,
+    make: Callable[[Any], Any],
+    versions: str = "0.16-0.19",
+    source: str = "megatron-lm",
+) -> Patch:
+    return Patch(key, target, versions, reason, "megatron-lm-cpu", make, source=source)
 
 
 _FACTORIES = (
@@ -216,19 +229,29 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         "megatron-lm.block-spec",
         "gpt_builders:get_gpt_decoder_block_spec",
-        "0.16-0.19",
-        "Megatron-LM builds the decoder spec from its config inside the model provider; the plugin "
-        "router and grouped-GEMM experts are swapped into that spec",
+        "0.16-0.18",
+        "gpt_builder builds the decoder spec from Megatron-LM's config inside the model provider; the "
+        "plugin router and grouped-GEMM experts are swapped into that spec",
         "megatron-lm",
         source="megatron-lm-checkout",
     ),
     Patch(
-        "megatron-lm.get_model",
-        "megatron.training.training:get_model",
-        "0.16-0.19",
-        "the losses and measurements are installed on the model chunks Megatron-LM builds and wraps",
+        "megatron-lm.block-spec-builder",
+        "megatron.training.models.gpt:get_gpt_decoder_block_spec",
+        "0.19",
+        "the GPT model builder of the config-container path (0.19's pretrain_gpt.py) builds the decoder "
+        "spec; the plugin router and grouped-GEMM experts are swapped into that spec",
         "megatron-lm",
-        source="megatron.training",
+        source="megatron-lm",
+    ),
+    Patch(
+        "megatron-lm.setup_model",
+        "megatron.training.training:setup_model_and_optimizer",
+        "0.16-0.19",
+        "the losses and measurements are installed on the model chunks Megatron-LM builds, wraps and loads "
+        "(through get_model or the 0.19 model builder)",
+        "megatron-lm",
+        source="megatron-lm",
     ),
     Patch(
         "megatron-lm.train_step",
@@ -236,7 +259,67 @@ PATCHES: tuple[Patch, ...] = (
         "0.16-0.19",
         "each step begins and ends the plugin's step (measurements at log-interval steps) and reports",
         "megatron-lm",
-        source="megatron.training",
+        source="megatron-lm",
+    ),
+    Patch(
+        "megatron-lm.dist-optimizer-load",
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_state_dict",
+        "0.16-0.19",
+        "without Apex or TransformerEngine, loading a distributed-optimizer checkpoint asks for the Adam "
+        "step before any step created it (assert len(steps) == 1); the states are created first",
+        "megatron-lm",
+        host.optimizer_states_before_load,
+    ),
+    Patch(
+        "megatron-lm.dist-optimizer-load-state",
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+        "0.16-0.19",
+        "with fp32 parameters the main parameters are views of the model's and Megatron-LM loads the state "
+        "outside no_grad (in-place copy into a leaf that requires grad); without Apex or TE every parameter "
+        "gets one shared Adam step tensor, which torch's Adam increments once per parameter",
+        "megatron-lm",
+        host.optimizer_state_load,
+    ),
+    # ---------------------------------------------------------------- Megatron-LM's initialize path without CUDA
+    _lm_cpu(
+        "lm-cpu.initialize_megatron",
+        "megatron.training.training:initialize_megatron",
+        "pretrain() calls initialize_megatron without allow_no_cuda, which asserts 'Megatron requires CUDA'",
+        host.allow_no_cuda,
+    ),
+    _lm_cpu(
+        "lm-cpu.initialize_distributed",
+        "megatron.training.initialize:_initialize_distributed",
+        "it creates the model-parallel groups only when torch.cuda.device_count() > 0; while it runs, one "
+        "device is counted and set_device does nothing",
+        host.one_visible_device,
+    ),
+    _lm_cpu(
+        "lm-cpu.set_random_seed",
+        "megatron.training.initialize:_set_random_seed",
+        "it seeds the model-parallel RNG tracker only when a device is counted; the same one-device view",
+        host.one_visible_device,
+    ),
+    _lm_cpu(
+        "lm-cpu.compile_helpers",
+        "megatron.core.datasets.utils:compile_helpers",
+        "Megatron-LM runs make for the dataset helper, which pip wheels ship compiled but without a Makefile; "
+        "skipped when the compiled helper imports",
+        host.skip_when_helpers_import,
+        source="megatron-core",
+    ),
+    _lm_cpu(
+        "lm-cpu.fused_kernels",
+        "megatron.legacy.fused_kernels:load",
+        "the fused-kernel loader needs CUDA_HOME (it builds nothing in 0.16 either)",
+        _const(host.nothing),
+        versions="0.16",
+    ),
+    _lm_cpu(
+        "lm-cpu.device_arch",
+        "megatron.training.arguments:get_device_arch_version",
+        "validate_args asks for the GPU architecture under TP or CP > 1; a CPU has none (0)",
+        _const(host.no_device_arch),
     ),
     # ---------------------------------------------------------------- in-place edits of Megatron state
     Patch(
@@ -280,9 +363,10 @@ def apply(patch: Patch, value: Any = None) -> Any:
     return original
 
 
-def apply_scope(scope: str) -> int:
-    """Apply every row of ``scope`` that applies to the installed megatron-core; returns the count."""
-    selected = rows(scope)
+def apply_scope(scope: str, sources: tuple[str, ...] = SOURCES) -> int:
+    """Apply every row of ``scope`` (from ``sources``) that applies to the installed megatron-core;
+    returns the count."""
+    selected = [p for p in rows(scope) if p.source in sources]
     for patch in selected:
         apply(patch)
     return len(selected)
