@@ -22,12 +22,13 @@ def test_single_node_command_uses_the_prepared_dataset_and_run_directory():
 
 
 def test_multi_node_command_and_its_required_environment():
-    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "NPROC_PER_NODE": "8"}
+    env = {"NNODES": "2", "MASTER_ADDR": "node0", "NPROC_PER_NODE": "8", "RDZV_ID": "job7"}
     proc = _dry("torchrun_multinode.sh", ["examples/mixtral_like.toml", "--mock-data"], **env)
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout.split()
-    for flag, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--master-addr", "node0"),
-                        ("--nproc-per-node", "8"), ("--config", "examples/mixtral_like.toml")):
+    for flag, value in (("--nnodes", "2"), ("--rdzv-backend", "c10d"), ("--rdzv-endpoint", "node0:29500"),
+                        ("--rdzv-id", "job7"), ("--nproc-per-node", "8"),
+                        ("--config", "examples/mixtral_like.toml")):
         assert cmd[cmd.index(flag) + 1] == value
-    missing = _dry("torchrun_multinode.sh", ["examples/mixtral_like.toml"], NODE_RANK="0", MASTER_ADDR="n")
+    missing = _dry("torchrun_multinode.sh", ["examples/mixtral_like.toml"], MASTER_ADDR="n")
     assert missing.returncode != 0 and "NNODES" in missing.stderr

@@ -9,6 +9,8 @@ patches/pretrain_gpt_moe_reg.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from helpers import (
@@ -97,15 +99,60 @@ def test_a_resumed_run_continues_exactly(single):
     assert [k for k in model if not torch.equal(a[k], b[k])] == []
 
 
+@pytest.fixture(scope="module")
+def two_process_runs():
+    """Runs of two processes by layout, 8 steps each (shared between tests)."""
+    runs: dict = {}
+
+    def run(layout: str):
+        if layout not in runs:
+            runs[layout] = run_megatron_lm([*MEGATRON_LM_MODEL, *PLUGIN, "--train-iters", "8", *LAYOUTS[layout]],
+                                           nproc=2)
+        return runs[layout]
+
+    return run
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_two_processes_train_with_the_plugin(layout):
-    proc = run_megatron_lm([*MEGATRON_LM_MODEL, *PLUGIN, "--train-iters", "8", *LAYOUTS[layout]], nproc=2)
+def test_two_processes_train_with_the_plugin(layout, two_process_runs):
+    proc = two_process_runs(layout)
     losses, values = megatron_lm_losses(proc.stdout), plugin_lines(proc.stdout)
     assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 0.05, losses
     assert sorted(values) == list(range(1, 9))
     assert all({"specialization_loss_layer_0", "specialization_loss_layer_1", "coupling_loss_layer_1"} <= v.keys()
                for v in values.values())  # PP 2: the coupling pair straddles the stage boundary
     assert "Traceback" not in proc.stderr
+
+
+def test_two_node_agents_on_loopback_reproduce_the_two_process_run(two_process_runs, tmp_path):
+    """Two torchrun agents of one process each, meeting by c10d rendezvous on 127.0.0.1, each in its
+    own working directory: the plugin's values equal the single-node run's, step by step."""
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import ROOT, _env
+
+    reference = two_process_runs("ep2-alltoall-distributed-optimizer")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [*MEGATRON_LM_MODEL, *PLUGIN, "--train-iters", "8", *LAYOUTS["ep2-alltoall-distributed-optimizer"]]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "addon"]
+    if CHECKOUT:
+        command = [*launch, str(ROOT / "patches" / "pretrain_gpt_moe_reg.py"), *flags]
+    else:
+        command = [*launch, "-m", "megatron_moe_reg.cli", "megatron-lm", *flags]
+    cwd = [CHECKOUT or tmp_path / f"node{n}" for n in range(2)]
+    for directory in cwd:
+        os.makedirs(directory, exist_ok=True)
+    nodes = [subprocess.Popen(command, cwd=directory, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for directory in cwd]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-3000:] for _, err in outputs]
+    values = {**plugin_lines(outputs[0][0]), **plugin_lines(outputs[1][0])}  # the last rank prints them
+    assert values == plugin_lines(reference.stdout)
 
 
 @pytest.mark.skipif(bool(CHECKOUT), reason="moe-reg megatron-lm runs the installed megatron.training")

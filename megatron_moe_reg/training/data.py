@@ -13,6 +13,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_moe_reg.training.arguments import RunConfig
+from megatron_moe_reg.training.dataset_cache import prebuilt_per_node
 from megatron_moe_reg.training.distributed import on_gpu
 
 
@@ -83,8 +84,14 @@ def build_gpt_datasets(
     level = gpt_logger.level
     if mock_data:  # mock indices are never cached; megatron warns about that on every build
         gpt_logger.setLevel(logging.ERROR)
+
+    def build() -> tuple:
+        return tuple(BlendedMegatronDatasetBuilder(cls, sizes, built_on_this_rank, config).build())
+
     try:
-        return BlendedMegatronDatasetBuilder(cls, sizes, built_on_this_rank, config).build()
+        if not mock_data:
+            prebuilt_per_node(data_cache_path, build)
+        return build()
     finally:
         gpt_logger.setLevel(level)
 

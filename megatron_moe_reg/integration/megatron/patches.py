@@ -321,6 +321,15 @@ PATCHES: tuple[Patch, ...] = (
         "validate_args asks for the GPU architecture under TP or CP > 1; a CPU has none (0)",
         _const(host.no_device_arch),
     ),
+    # ---------------------------------------------------------------- data
+    Patch(
+        "data.node-local-cache",
+        "torch.distributed:is_initialized",
+        "0.16-0.19",
+        "megatron-core builds dataset index caches on global rank 0 only; with a --data-cache-path local "
+        "to each node, the first rank of every other node builds its node's copy seeing no process group",
+        "data",
+    ),
     # ---------------------------------------------------------------- in-place edits of Megatron state
     Patch(
         "compat.z_loss_avg_group",
