@@ -12,12 +12,22 @@ from pathlib import Path
 
 import pytest
 
+# The style of the small models here: SwiGLU, RMSNorm, RoPE, no biases or dropout, AdamW as in
+# modern LLM recipes (Megatron-LM's own defaults differ; examples/*.toml set these too).
+SMALL_MODEL_STYLE = [
+    "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--disable-bias-linear",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--moe-aux-loss-coeff", "1e-2", "--moe-router-dtype",
+    "fp32", "--moe-per-layer-logging", "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--adam-beta2",
+    "0.95", "--num-workers", "0",
+]
+# Options for tests that parse a run's flags: mock data, 8 experts and that style.
+PARSE_BASE = ["--mock-data", "--vocab-size", "512", "--num-experts", "8", *SMALL_MODEL_STYLE]
 # A small GPT-MoE that trains in seconds on a CPU core.
 TINY_MODEL = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
     "--moe-ffn-hidden-size", "64", "--num-experts", "4", "--moe-router-topk", "2", "--seq-length", "32",
     "--vocab-size", "256", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "1",
-    "--log-interval", "1", "--no-progress-bar", "--eval-iters", "0",
+    "--log-interval", "1", "--no-progress-bar", "--eval-iters", "0", *SMALL_MODEL_STYLE,
 ]
 MOCK = ["--mock-data"]
 

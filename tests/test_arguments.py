@@ -9,7 +9,9 @@ import torch
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.training.arguments import parse_args
 
-MOCK = ["--mock-data", "--vocab-size", "512"]
+from helpers import PARSE_BASE
+
+MOCK = PARSE_BASE  # mock data, 8 experts, the small-model style
 
 
 def test_megatron_flag_names_and_defaults():
@@ -107,7 +109,7 @@ def test_config_file_errors(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["pretrain", "--mock-data", "--vocab-size", "64", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-    (["pretrain", "--mock-data", "--vocab-size", "64", "--moe-router-topk", "9"],
+    (["pretrain", "--mock-data", "--vocab-size", "64", "--num-experts", "8", "--moe-router-topk", "9"],
      "--moe-router-topk 9 exceeds --num-experts 8"),
     (["pretrain", "--mock-data", "--vocab-size", "64", "--num-experts", "8", "--expert-model-parallel-size", "3"],
      "--expert-model-parallel-size 3"),

@@ -6,7 +6,9 @@ from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.integration.regularizers.coupling import CouplingController
 from megatron_moe_reg.training.arguments import parse_args
 
-MOCK = ["--mock-data", "--vocab-size", "512"]
+from helpers import PARSE_BASE
+
+MOCK = PARSE_BASE  # mock data, 8 experts, the small-model style
 
 
 @pytest.mark.parametrize("argv, message", [

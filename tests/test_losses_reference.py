@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from megatron_moe_reg.integration.regularizers import StepPlan
 from megatron_moe_reg.losses import coupling_loss, routing_distribution, specialization_loss
 
+from helpers import SMALL_MODEL_STYLE
+
 pytestmark = pytest.mark.compat
 
 LAMBDA_SP, LAMBDA_CP = 0.7, 0.3
@@ -20,7 +22,8 @@ def ctx():
     from megatron_moe_reg.training import trainer
     from megatron_moe_reg.training.arguments import parse_args
 
-    cfg = parse_args(["--mock-data", "--vocab-size", "128", "--num-layers", "4", "--hidden-size", "32",
+    cfg = parse_args([*SMALL_MODEL_STYLE, "--mock-data", "--vocab-size", "128", "--num-layers", "4",
+                      "--hidden-size", "32",
                       "--num-attention-heads", "4", "--num-experts", "4", "--moe-ffn-hidden-size", "24",
                       "--moe-router-topk", "2", "--seq-length", "16", "--micro-batch-size", "2",
                       "--global-batch-size", "4", "--moe-aux-loss-coeff", "0", "--train-iters", "1",

@@ -18,9 +18,9 @@ from megatron_moe_reg.integration.megatron_lm.entry import machine_flags
 from megatron_moe_reg.integration.megatron_lm.plugin import MegatronLMPlugin, plugin_options, split_plugin_flags
 from megatron_moe_reg.training.arguments import parse_args
 
-from helpers import run_cli
+from helpers import PARSE_BASE, run_cli
 
-MOCK = ["--mock-data", "--vocab-size", "512"]
+MOCK = PARSE_BASE  # mock data, 8 experts, the small-model style
 
 
 def megatron_lm_namespace(model_flags: list[str]) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_los
 from megatron_moe_reg.integration.megatron.tracker import get_tracker
 from megatron_moe_reg.integration.regularizers import REGULARIZERS, InstallContext, RegularizerBase, StepPlan
 
-from helpers import read_metrics
+from helpers import SMALL_MODEL_STYLE, read_metrics
 
 pytestmark = pytest.mark.compat
 
@@ -78,6 +78,7 @@ def test_a_registered_toy_regularizer_trains_and_is_reported(tmp_path, monkeypat
     monkeypatch.setitem(REGULARIZERS, "toy", ToyLoss.build)  # 3. the registry line
     cfg = parse_args(
         [
+            *SMALL_MODEL_STYLE,
             "--mock-data",
             "--vocab-size",
             "128",

@@ -8,6 +8,8 @@ from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.routers import ROUTERS
 from megatron_moe_reg.training.arguments import parse_args
 
+from helpers import PARSE_BASE
+
 pytestmark = pytest.mark.compat
 
 E, H, K = 6, 32, 2
@@ -93,7 +95,7 @@ def test_power_iteration_advances_once_per_step(groups):
     assert not torch.equal(router.power_u, u1)
 
 
-MOCK = ["--mock-data", "--vocab-size", "512"]
+MOCK = PARSE_BASE  # mock data, 8 experts, the small-model style
 
 
 @pytest.mark.parametrize("argv, message", [

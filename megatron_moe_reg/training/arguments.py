@@ -10,6 +10,54 @@ from megatron_moe_reg import flags
 from megatron_moe_reg.config import ModelShape, PluginConfig
 from megatron_moe_reg.errors import ConfigError
 
+# Megatron-LM's choices, and which of them this entry builds (the others stop with one line)
+POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "relative", "none")
+TRANSFORMER_IMPLS = ("local", "transformer_engine", "inference_optimized")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none")
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+DISPATCHERS = ("allgather", "alltoall", "flex")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+TOKENIZERS = (
+    "BertWordPieceLowerCase",
+    "BertWordPieceCase",
+    "GPT2BPETokenizer",
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "HuggingFaceTokenizer",
+    "Llama2Tokenizer",
+    "TikTokenizer",
+    "MultimodalTokenizer",
+    "NullTokenizer",
+    "NullMultimodalTokenizer",
+    "SFTTokenizer",
+)
+CKPT_FORMATS = ("torch", "torch_dist", "torch_dcp", "fsdp_dtensor")
+UNSUPPORTED_CHOICES = {  # flag -> (values moe-reg pretrain does not build, what to do instead)
+    "position_embedding_type": (("yarn", "mrope", "relative"), "use rope, learned_absolute or none"),
+    "transformer_impl": (("inference_optimized",), "use transformer_engine or local"),
+    "moe_router_load_balancing_type": (
+        ("quantile_balancing",),
+        "use aux_loss, seq_aux_loss, global_aux_loss, sinkhorn or none",
+    ),
+    "lr_decay_style": (("WSD",), "use constant, linear, cosine or inverse-square-root"),
+    "tokenizer_type": (
+        (
+            "BertWordPieceLowerCase",
+            "BertWordPieceCase",
+            "GPT2BPETokenizer",
+            "HuggingFaceTokenizer",
+            "Llama2Tokenizer",
+            "TikTokenizer",
+            "MultimodalTokenizer",
+            "NullMultimodalTokenizer",
+            "SFTTokenizer",
+        ),
+        "use SentencePieceTokenizer, GPTSentencePieceTokenizer or NullTokenizer, or run Megatron-LM "
+        "with the plugin (moe-reg megatron-lm)",
+    ),
+    "ckpt_format": (("torch", "torch_dcp", "fsdp_dtensor"), "moe-reg pretrain writes torch_dist"),
+}
+
 
 def opt(default, help: str = "", **meta):
     """A dataclass field with flag metadata."""
@@ -23,60 +71,59 @@ class ModelArgs:
     num_layers: int = opt(4, "number of transformer layers")
     hidden_size: int = opt(256, "transformer hidden size")
     num_attention_heads: int = opt(4, "attention heads")
-    num_query_groups: int | None = opt(None, "query groups for grouped-query attention")
+    group_query_attention: bool = opt(False, "grouped-query attention with --num-query-groups groups")
+    num_query_groups: int = opt(1, "query groups with --group-query-attention")
     ffn_hidden_size: int | None = opt(None, "dense MLP hidden size (default 4*hidden)")
     kv_channels: int | None = opt(None, "projection size per head (default hidden/heads)")
     seq_length: int = opt(256, "training sequence length")
     max_position_embeddings: int | None = opt(None, "default --seq-length")
-    normalization: str = opt("RMSNorm", "normalization layer", choices=["RMSNorm", "LayerNorm"])
+    normalization: str = opt("LayerNorm", "normalization layer", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
-    swiglu: bool = opt(True, "SwiGLU MLPs (--no-swiglu: GELU)")
-    add_bias_linear: bool = opt(False, "biases in linear layers", negative="--disable-bias-linear")
-    position_embedding_type: str = opt("rope", "position embedding", choices=["rope", "learned_absolute"])
+    swiglu: bool = opt(False, "SwiGLU MLPs (default GELU)")
+    add_bias_linear: bool = opt(True, "biases in linear layers", negative="--disable-bias-linear")
+    position_embedding_type: str = opt("learned_absolute", "position embedding", choices=list(POSITION_EMBEDDINGS))
     rotary_base: int = opt(10000, "RoPE base")
     untie_embeddings_and_output_weights: bool = opt(False, "separate output projection")
     init_method_std: float = opt(0.02, "std of the normal initialisation")
-    hidden_dropout: float = opt(0.0, "dropout after attention/MLP")
-    attention_dropout: float = opt(0.0, "dropout on attention probabilities")
+    hidden_dropout: float = opt(0.1, "dropout after attention/MLP")
+    attention_dropout: float = opt(0.1, "dropout on attention probabilities")
     vocab_size: int | None = opt(None, "vocabulary size for --tokenizer-type NullTokenizer")
     make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this")
     transformer_impl: str = opt(
-        "auto",
-        "layer implementation (auto: TE when installed and on GPU)",
-        choices=["auto", "local", "transformer_engine"],
+        "transformer_engine",
+        "layer implementation (the default falls back to local, with a note, without a GPU and TE)",
+        choices=list(TRANSFORMER_IMPLS),
     )
 
 
 @dataclass
 class MoEArgs:
-    num_experts: int | None = opt(8, "routed experts per MoE layer")
+    num_experts: int | None = opt(None, "routed experts per MoE layer (default: a dense model)")
     moe_ffn_hidden_size: int | None = opt(None, "expert hidden size (default --ffn-hidden-size)")
     moe_router_topk: int = opt(2, "experts per token")
     moe_layer_freq: int | list[int] = opt(
         1, "MoE every N layers, or a 0/1 pattern such as [1,0,1,0]", parser="int_or_list"
     )
-    moe_router_load_balancing_type: str = opt(
-        "aux_loss",
-        "Megatron balancing loss",
-        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
-    )
-    moe_aux_loss_coeff: float = opt(1e-2, "load-balancing loss coefficient")
+    moe_router_load_balancing_type: str = opt("aux_loss", "Megatron balancing loss", choices=list(LOAD_BALANCING_TYPES))
+    moe_aux_loss_coeff: float = opt(0.0, "load-balancing loss coefficient")
     moe_z_loss_coeff: float | None = opt(None, "router z-loss coefficient")
-    moe_router_score_function: str = opt("softmax", "router score function", choices=["softmax", "sigmoid"])
+    moe_router_score_function: str = opt("softmax", "router score function", choices=list(SCORE_FUNCTIONS))
     moe_router_pre_softmax: bool = opt(False, "softmax before top-k")
     moe_router_topk_scaling_factor: float | None = opt(None, "scale of the top-k probabilities")
     moe_router_enable_expert_bias: bool = opt(False, "aux-loss-free expert bias (sigmoid scores)")
     moe_router_bias_update_rate: float = opt(1e-3, "expert bias update rate")
     moe_router_num_groups: int | None = opt(None, "groups for group-limited routing")
     moe_router_group_topk: int | None = opt(None, "groups selected per token")
-    moe_router_dtype: str | None = opt("fp32", "router compute dtype", choices=["fp32", "fp64"])
+    moe_router_dtype: str | None = opt(
+        None, "router compute dtype (default: the parameters')", choices=["fp32", "fp64"]
+    )
     moe_input_jitter_eps: float | None = opt(None, "router input jitter")
     moe_expert_capacity_factor: float | None = opt(None, "token-dropping capacity factor")
-    moe_token_dispatcher_type: str = opt("allgather", "token dispatcher", choices=["allgather", "alltoall"])
+    moe_token_dispatcher_type: str = opt("allgather", "token dispatcher", choices=list(DISPATCHERS))
     moe_shared_expert_intermediate_size: int | None = opt(None, "shared expert hidden size")
     moe_shared_expert_overlap: bool = opt(False, "overlap shared expert with dispatch")
     moe_grouped_gemm: bool = opt(False, "TE grouped GEMM experts (needs TransformerEngine)")
-    moe_per_layer_logging: bool = opt(True, "log MoE losses per layer to TensorBoard")
+    moe_per_layer_logging: bool = opt(False, "log MoE losses per layer to TensorBoard")
 
 
 @dataclass
@@ -87,14 +134,16 @@ class ParallelArgs:
     expert_tensor_parallel_size: int | None = opt(None, "expert tensor-parallel size (default TP)")
     context_parallel_size: int = opt(1, "context-parallel size (needs TransformerEngine)")
     sequence_parallel: bool = opt(False, "sequence parallelism (with TP>1)")
-    use_distributed_optimizer: bool | None = opt(None, "shard optimizer state over DP (default: on GPU)")
+    use_distributed_optimizer: bool = opt(False, "shard optimizer state over DP")
     overlap_grad_reduce: bool = opt(False, "overlap DP gradient reduce with backward (GPU)")
     recompute_granularity: str | None = opt(None, "activation recompute", choices=["full", "selective"])
     recompute_method: str | None = opt(None, "full recompute method", choices=["uniform", "block"])
     recompute_num_layers: int | None = opt(None, "layers per recompute unit")
     recompute_modules: list[str] | None = opt(None, "selective recompute modules, e.g. moe moe_act")
     distributed_backend: str = opt(
-        "auto", "process-group backend (auto: nccl on GPU, gloo on CPU)", choices=["auto", "nccl", "gloo"]
+        "nccl",
+        "process-group backend (the default falls back to gloo, with a note, without CUDA)",
+        choices=["nccl", "gloo"],
     )
 
 
@@ -104,13 +153,13 @@ class TrainArgs:
     global_batch_size: int | None = opt(None, "sequences per step (default micro-batch x DP)")
     train_iters: int = opt(100, "optimizer steps")
     lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-4, "final learning rate")
-    lr_warmup_iters: int = opt(10, "linear warmup steps")
+    min_lr: float = opt(0.0, "final learning rate")
+    lr_warmup_iters: int = opt(0, "linear warmup steps")
     lr_decay_iters: int | None = opt(None, "decay steps (default --train-iters)")
-    lr_decay_style: str = opt("cosine", "decay schedule", choices=["cosine", "linear", "constant"])
-    weight_decay: float = opt(0.1, "AdamW weight decay")
+    lr_decay_style: str = opt("linear", "decay schedule", choices=list(LR_DECAY_STYLES))
+    weight_decay: float = opt(0.01, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "Adam beta1")
-    adam_beta2: float = opt(0.95, "Adam beta2")
+    adam_beta2: float = opt(0.999, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     clip_grad: float = opt(1.0, "gradient clipping norm (0: off)")
     bf16: bool = opt(False, "bf16 mixed precision")
@@ -127,20 +176,16 @@ class DataArgs:
     valid_data_path: list[str] | None = opt(None, "validation dataset prefixes")
     test_data_path: list[str] | None = opt(None, "test dataset prefixes")
     mock_data: bool = opt(False, "random tokens instead of a dataset")
-    tokenizer_type: str = opt(
-        "SentencePieceTokenizer",
-        "tokenizer",
-        choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "NullTokenizer"],
-    )
+    tokenizer_type: str = opt("SentencePieceTokenizer", "tokenizer", choices=list(TOKENIZERS))
     tokenizer_model: str | None = opt(None, "SentencePiece model file")
     data_cache_path: str | None = opt(None, "where dataset index caches are written")
-    num_workers: int = opt(0, "data-loader worker processes")
+    num_workers: int = opt(2, "data-loader worker processes")
 
 
 @dataclass
 class EvalArgs:
-    eval_iters: int = opt(10, "validation batches per evaluation")
-    eval_interval: int = opt(100, "evaluate every N steps (0: only at the end)")
+    eval_iters: int = opt(100, "validation batches per evaluation")
+    eval_interval: int | None = opt(None, "evaluate every N steps (default: only at the end)")
 
 
 @dataclass
@@ -152,12 +197,12 @@ class CheckpointArgs:
     no_load_rng: bool = opt(False, "do not load RNG state")
     finetune: bool = opt(False, "load weights only and start at iteration 0")
     ckpt_step: int | None = opt(None, "load this iteration of --load instead of the latest one")
-    ckpt_format: str = opt("torch_dist", "checkpoint format", choices=["torch_dist"])
+    ckpt_format: str = opt("torch_dist", "checkpoint format", choices=list(CKPT_FORMATS))
 
 
 @dataclass
 class LoggingArgs:
-    log_interval: int = opt(10, "console/TensorBoard interval in steps")
+    log_interval: int = opt(100, "console/TensorBoard interval in steps")
     tensorboard_dir: str | None = opt(None, "TensorBoard log directory")
     progress_bar: bool = opt(True, "progress bar on rank 0")
     log_file: str | None = opt(None, "also write per-step metrics as JSON lines here")
@@ -189,6 +234,8 @@ class RunConfig:
     plugin: PluginConfig
     world_size: int = 1
     command_line: frozenset = frozenset()  # options given as flags (not from --config)
+    explicit: frozenset = frozenset()  # options given as flags or in --config
+    machine_notes: list[str] = field(default_factory=list)  # defaults this machine could not run
 
     @property
     def data_parallel_size(self) -> int:
@@ -260,12 +307,37 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
 def run_config_from_values(values: dict, world_size: int, command_line: frozenset = frozenset()) -> RunConfig:
     """A RunConfig from option values keyed by field name (others ignored; missing ones default)."""
     groups = {name: flags.build_dataclass(cls, values) for name, cls, _ in GROUPS}
-    return RunConfig(**groups, world_size=world_size, command_line=command_line)
+    return RunConfig(**groups, world_size=world_size, command_line=command_line, explicit=frozenset(values))
+
+
+def fit_to_machine(cfg: RunConfig) -> None:
+    """Megatron-LM's defaults that need a GPU and TransformerEngine, on a machine without them: the
+    local layer spec and the gloo backend, each with a note; given explicitly, they stay (and fail
+    with one line later). Also reads the "auto" of checkpoints written before these defaults."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    te = importlib.util.find_spec("transformer_engine") is not None
+    m, p = cfg.model, cfg.parallel
+    if m.transformer_impl == "auto" or (
+        "transformer_impl" not in cfg.explicit and m.transformer_impl == "transformer_engine" and not (cuda and te)
+    ):
+        m.transformer_impl = "transformer_engine" if cuda and te else "local"
+        if m.transformer_impl == "local":
+            cfg.machine_notes.append("no GPU with TransformerEngine here: --transformer-impl local")
+    if p.distributed_backend == "auto" or ("distributed_backend" not in cfg.explicit and not cuda):
+        p.distributed_backend = "nccl" if cuda else "gloo"
+        if not cuda:
+            cfg.machine_notes.append("no GPU here: --distributed-backend gloo")
 
 
 def finalize(cfg: RunConfig) -> None:
     """Fill defaults that depend on other options, then validate everything."""
     m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    validate_choices(cfg)
+    fit_to_machine(cfg)
     validate_parallel(cfg)
     if m.ffn_hidden_size is None:
         m.ffn_hidden_size = 4 * m.hidden_size
@@ -283,6 +355,26 @@ def finalize(cfg: RunConfig) -> None:
     from megatron_moe_reg.experts.validation import validate_plugin
 
     validate_plugin(cfg.plugin, cfg.model_shape())
+
+
+def validate_choices(cfg: RunConfig) -> None:
+    """Megatron-LM's choices this entry does not build, and those the installed megatron-core lacks."""
+    from megatron.core import package_info
+    from packaging.version import Version
+
+    for name, _, _ in GROUPS:
+        options = getattr(cfg, name)
+        for key, (values, fix) in UNSUPPORTED_CHOICES.items():
+            value = getattr(options, key, None)
+            if value in values:
+                raise ConfigError(f"{flags.flag_name(key)} {value} is not supported by moe-reg pretrain; {fix}")
+    moe = cfg.moe
+    if moe.moe_router_score_function == "sqrtsoftplus" and Version(package_info.__version__) < Version("0.19"):
+        raise ConfigError("--moe-router-score-function sqrtsoftplus needs megatron-core 0.19+; use softmax or sigmoid")
+    if moe.moe_token_dispatcher_type == "flex" and cfg.model.transformer_impl != "transformer_engine":
+        raise ConfigError(
+            "--moe-token-dispatcher-type flex needs TransformerEngine layers (and DeepEP); use allgather or alltoall"
+        )
 
 
 def validate_parallel(cfg: RunConfig) -> None:

@@ -223,6 +223,9 @@ def _check_architecture(saved: dict, cfg, path: Path) -> None:
     for group, keys in ARCHITECTURE_KEYS.items():
         for key in keys:
             old, new = saved.get(group, {}).get(key), current[group][key]
+            if key == "num_query_groups":  # what counts: the groups of grouped-query attention, if on
+                old = old if saved.get(group, {}).get("group_query_attention") else None
+                new = new if current[group]["group_query_attention"] else None
             if old != new:
                 flag = "--" + key.replace("_", "-")
                 raise ConfigError(

@@ -27,14 +27,14 @@ def te_available() -> bool:
 
 
 def use_transformer_engine(cfg: RunConfig) -> bool:
-    impl = cfg.model.transformer_impl
-    if impl == "auto":
-        return on_gpu() and te_available()
-    if impl == "transformer_engine" and not (on_gpu() and te_available()):
+    """Whether the layers are TransformerEngine's (``arguments.fit_to_machine`` chose the default)."""
+    if cfg.model.transformer_impl != "transformer_engine":
+        return False
+    if not (on_gpu() and te_available()):
         raise ConfigError(
             "--transformer-impl transformer_engine needs a GPU and TransformerEngine; use --transformer-impl local"
         )
-    return impl == "transformer_engine"
+    return True
 
 
 def padded_vocab_size(vocab_size: int, cfg: RunConfig) -> int:
@@ -61,7 +61,7 @@ def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential"
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
+        num_query_groups=m.num_query_groups if m.group_query_attention else None,
         ffn_hidden_size=m.ffn_hidden_size,
         kv_channels=m.kv_channels,
         hidden_dropout=m.hidden_dropout,

@@ -130,7 +130,7 @@ def _print_summary(cfg: RunConfig, config, gpt, tokenizer, use_te: bool, experts
         f"global batch {cfg.train.global_batch_size} x {m.seq_length} tokens, "
         f"{cfg.num_microbatches} micro-batch(es) of {cfg.train.micro_batch_size}, {cfg.train.train_iters} steps"
     )
-    for notice in cfg.notices():
+    for notice in [*cfg.machine_notes, *cfg.notices()]:
         distributed.print_rank0(f"note: {notice}")
 
 
