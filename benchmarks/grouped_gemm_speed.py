@@ -14,7 +14,7 @@ SwiGLU and probability scaling in torch, when TE is installed).
 Shapes: on CUDA (bf16) the issue's coarse shape E=8, H=4096, F=14336, 16k tokens, k=2 and fine
 shapes E=64 / 128, H=2048, F=1408 / 768, k=8; on CPU (fp32) small shapes of the same two kinds.
 
-    python benchmarks/grouped_gemm.py [--rounds 5] [--shapes coarse fine64 fine128] [--json out.json]
+    python benchmarks/grouped_gemm_speed.py [--rounds 5] [--shapes coarse fine64 fine128] [--json out.json]
 """
 
 from __future__ import annotations
