@@ -31,6 +31,11 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def field_flag(f: dataclasses.Field) -> str:
+    """A field's flag: ``flag`` in its metadata (Megatron-LM's flag of another dest), else from its name."""
+    return f.metadata.get("flag") or flag_name(f.name)
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -71,7 +76,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        names = [flag_name(f.name), *meta.get("aliases", ())]
+        names = [field_flag(f), *meta.get("aliases", ())]
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", ""), "default": argparse.SUPPRESS}
         tp, _optional = _unwrap_optional(hints[f.name])
         if tp is bool:
@@ -131,16 +136,17 @@ def load_config_file(path: str, classes: Iterable[type]) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
-    fields = {}
+    fields, by_flag = {}, {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             fields[f.name] = (hints[f.name], f.metadata)
+            by_flag[field_flag(f)[2:].replace("-", "_")] = f.name
     out: dict[str, Any] = {}
     for section_or_key, value in data.items():
         items = value.items() if isinstance(value, dict) else [(section_or_key, value)]
         for key, v in items:
-            name = key.replace("-", "_")
+            name = by_flag.get(key.replace("-", "_"), key.replace("-", "_"))
             if name not in fields:
                 raise ConfigError(
                     f"--config {path}: unknown option '{key}' (use the flag names of "

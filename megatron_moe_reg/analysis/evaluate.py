@@ -43,6 +43,8 @@ def config_from_checkpoint(load: str):
             f"--load {load}: the checkpoint has no moe-reg run configuration (it was not written by 'moe-reg pretrain')"
         )
     values = {k: v for group in saved.values() for k, v in group.items()}
+    if "norm_epsilon" in values:  # the option's name in checkpoints written before it had Megatron-LM's
+        values.setdefault("layernorm_epsilon", values.pop("norm_epsilon"))
     values.update(
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,

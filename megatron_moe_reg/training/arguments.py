@@ -78,7 +78,7 @@ class ModelArgs:
     seq_length: int = opt(256, "training sequence length")
     max_position_embeddings: int | None = opt(None, "default --seq-length")
     normalization: str = opt("LayerNorm", "normalization layer", choices=["LayerNorm", "RMSNorm"])
-    norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
+    layernorm_epsilon: float = opt(1e-5, "epsilon of the normalization layers", flag="--norm-epsilon")
     swiglu: bool = opt(False, "SwiGLU MLPs (default GELU)")
     add_bias_linear: bool = opt(True, "biases in linear layers", negative="--disable-bias-linear")
     position_embedding_type: str = opt("learned_absolute", "position embedding", choices=list(POSITION_EMBEDDINGS))
