@@ -19,6 +19,7 @@ from typing import Any
 
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import flag_name as _flag
+from megatron_moe_reg.flags import reject_non_finite
 
 COUPLING_VARIANTS = ("product", "log")
 ROUTER_TYPES = ("topk", "spectral", "prototype", "ermoe", "emoe")
@@ -194,6 +195,7 @@ class PluginConfig:
 
     def validate(self, shape: ModelShape | None = None) -> None:
         """Check the plugin options against each other and against the model. Raises ConfigError."""
+        reject_non_finite(self)
         for name in coefficient_fields(self):
             value = getattr(self, name)
             if value < 0:

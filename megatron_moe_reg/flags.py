@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -155,6 +156,19 @@ def load_config_file(path: str, classes: Iterable[type]) -> dict[str, Any]:
             tp, meta = fields[name]
             out[name] = _coerce(v, tp, meta, flag_name(name))
     return out
+
+
+def reject_non_finite(options: Any) -> None:
+    """Every float option of a dataclass instance is a finite number (nan and inf parse as floats)."""
+    hints = typing.get_type_hints(type(options))
+    for f in dataclasses.fields(options):
+        base, _ = _unwrap_optional(hints[f.name])
+        value = getattr(options, f.name)
+        values = value if isinstance(value, list) else [value]
+        if (base is float or f.metadata.get("parser") == "float_or_list") and any(
+            isinstance(v, float) and not math.isfinite(v) for v in values
+        ):
+            raise ConfigError(f"{field_flag(f)} must be a finite number, got {value}")
 
 
 def build_dataclass(cls: type, values: dict[str, Any]) -> Any:

@@ -336,6 +336,8 @@ def fit_to_machine(cfg: RunConfig) -> None:
 def finalize(cfg: RunConfig) -> None:
     """Fill defaults that depend on other options, then validate everything."""
     m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    for name, _, _ in GROUPS:
+        flags.reject_non_finite(getattr(cfg, name))
     validate_choices(cfg)
     fit_to_machine(cfg)
     validate_parallel(cfg)
