@@ -60,6 +60,15 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = T
     return proc
 
 
+def run_script(script: str | Path, args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node N SCRIPT ARGS`` with the tests' environment; fails with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
+           *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Per-step training records of a ``--log-file`` (validation records left out)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -168,6 +177,7 @@ PENALTIES = ["--moe-router-spectral-penalty-coeff", "0.1", "--moe-router-stable-
 
 # ---------------------------------------------------------------- Megatron-LM's own loop
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"  # files the tests read
 CHECKOUT = os.environ.get("MEGATRON_LM_PATH")  # a Megatron-LM checkout: run its pretrain_gpt.py instead
 MEGATRON_LM_MODEL = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -226,6 +236,20 @@ def megatron_lm_losses(stdout: str) -> dict[int, float]:
 
     found = re.findall(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)", stdout)
     return {int(i): float(v) for i, v in found}
+
+
+def megatron_lm_values(stdout: str) -> dict[int, dict[str, float]]:
+    """{iteration: {name: value}} of the numbers in Megatron-LM's own iteration lines (``lm loss``,
+    ``load_balancing_loss``, ``z_loss``, ``grad norm``, ...)."""
+    import re
+
+    out = {}
+    for line in stdout.splitlines():
+        found = re.search(r"iteration\s+(\d+)/\s*\d+ \|(.*)", line)
+        if found and "lm loss" in line:
+            pairs = (f.split(": ", 1) for f in found.group(2).split(" | ") if ": " in f)
+            out[int(found.group(1))] = {k.strip(): float(v) for k, v in pairs if re.fullmatch(r"[0-9.E+-]+", v.strip())}
+    return out
 
 
 def checkpoint_tensors(path: str | Path) -> dict:

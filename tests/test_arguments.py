@@ -21,7 +21,11 @@ def test_megatron_flag_names_and_defaults():
     assert cfg.model.num_layers == 6 and cfg.moe.num_experts == 16 and cfg.moe.moe_router_topk == 4
     assert cfg.moe.moe_layer_freq == [1, 0, 1, 0, 1, 0]
     assert cfg.model.add_bias_linear is False
-    assert cfg.model.ffn_hidden_size == 4 * 128 and cfg.moe.moe_ffn_hidden_size == 4 * 128
+    # Megatron-LM's sizes: with --swiglu 8/3 x hidden, down to a multiple of 64; hidden / heads per head
+    assert cfg.model.ffn_hidden_size == 320 and cfg.moe.moe_ffn_hidden_size == 320
+    assert cfg.model.kv_channels == 128 // cfg.model.num_attention_heads
+    plain = parse_args([a for a in MOCK if a != "--swiglu"] + ["--hidden-size", "128"], world_size=1)
+    assert plain.model.ffn_hidden_size == 4 * 128
     assert cfg.data_parallel_size == 4 and cfg.train.global_batch_size == 8 and cfg.num_microbatches == 1
     assert cfg.parallel.expert_tensor_parallel_size == cfg.parallel.tensor_model_parallel_size
 

@@ -73,7 +73,9 @@ class ModelArgs:
     num_attention_heads: int = opt(4, "attention heads")
     group_query_attention: bool = opt(False, "grouped-query attention with --num-query-groups groups")
     num_query_groups: int = opt(1, "query groups with --group-query-attention")
-    ffn_hidden_size: int | None = opt(None, "dense MLP hidden size (default 4*hidden)")
+    ffn_hidden_size: int | None = opt(
+        None, "dense MLP hidden size (default 4*hidden; with --swiglu 8/3*hidden rounded down to a multiple of 64)"
+    )
     kv_channels: int | None = opt(None, "projection size per head (default hidden/heads)")
     seq_length: int = opt(256, "training sequence length")
     max_position_embeddings: int | None = opt(None, "default --seq-length")
@@ -341,12 +343,14 @@ def finalize(cfg: RunConfig) -> None:
     validate_choices(cfg)
     fit_to_machine(cfg)
     validate_parallel(cfg)
-    if m.ffn_hidden_size is None:
-        m.ffn_hidden_size = 4 * m.hidden_size
+    if m.ffn_hidden_size is None:  # Megatron-LM's: SwiGLU's two input projections keep the parameter count
+        m.ffn_hidden_size = int(4 * m.hidden_size * 2 / 3 / 64) * 64 if m.swiglu else 4 * m.hidden_size
     if moe.moe_ffn_hidden_size is None:
         moe.moe_ffn_hidden_size = m.ffn_hidden_size
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads == 0:  # as Megatron-LM
+        m.kv_channels = m.hidden_size // m.num_attention_heads
     if p.expert_tensor_parallel_size is None:
         p.expert_tensor_parallel_size = p.tensor_model_parallel_size
     if t.global_batch_size is None:

@@ -1,33 +1,34 @@
-"""dist_checkpointing (torch_dist) save/resume in Megatron-LM's directory layout.
+"""dist_checkpointing (torch_dist) save/resume in Megatron-LM's directory layout and state layout.
 
 ``{save}/iter_{iteration:07d}/`` holds one checkpoint; ``{save}/latest_checkpointed_iteration.txt``
-names the newest. Model and optimizer state are sharded tensors keyed by global names
-(experts by their global index), so a checkpoint loads under other TP/EP/PP/DP layouts.
-A checkpoint is written into ``iter_N.partial`` and renamed only once every rank is done,
-so an interrupted save never replaces or corrupts an earlier one.
+names the newest. The state is Megatron-LM's (``checkpoint_layout``), so Megatron-LM's ``pretrain()``
+resumes from it and this trainer resumes from Megatron-LM's. Model and optimizer state are sharded
+tensors keyed by global names (experts by their global index), so a checkpoint loads under other
+TP/EP/PP/DP layouts. A checkpoint is written into ``iter_N.partial`` and renamed only once every rank
+is done, so an interrupted save never replaces or corrupts an earlier one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedObject
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
+from megatron_moe_reg.config import PluginConfig
 from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.training import checkpoint_layout as layout
 from megatron_moe_reg.training.distributed import print_rank0
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 1
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+RNG_KEY = "moe_reg_rng_state"  # every rank's RNG (layout 2); layout 1 kept it under "rng_state"
 # Options that must match between the checkpoint and the run that loads it.
 ARCHITECTURE_KEYS = {
     "model": (
@@ -49,6 +50,8 @@ ARCHITECTURE_KEYS = {
 # Model state that may be absent from a checkpoint and is rebuilt: power-iteration vectors (written
 # only by runs whose routers used σ_max; re-estimated from the weights at the next step).
 RESTARTABLE_SUFFIXES = (".power_u", ".power_v")
+# The plugin options' values in a Megatron-LM checkpoint written without the add-on: their defaults.
+PLUGIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PluginConfig)}
 
 
 def iteration_dir(root: str, iteration: int) -> Path:
@@ -80,10 +83,10 @@ def _parallel_layout(cfg) -> dict:
 # Megatron's optimizer state dict has a layout-specific structure: at EP=1 expert weights are
 # ordinary data-parallel parameters (one optimizer); at EP>1 they get their own optimizer
 # (a ChainedOptimizer), and the distributed optimizer nests everything differently again.
-# Its sharded tensors, however, are named by global parameter keys and offsets. The checkpoint
-# therefore stores only those tensors (a flat map with no layout-specific structure) and the
-# Adam step; loading requests the current optimizer's own tensors, which dist_checkpointing
-# finds by global key and offset whatever layout wrote them.
+# Its sharded tensors, however, are named by global parameter keys and offsets. A checkpoint stores
+# the optimizer's own structure (Megatron-LM's layout); loading requests the current optimizer's
+# tensors as a flat map, which dist_checkpointing finds by global key and offset whatever layout wrote
+# them, and takes only the Adam step from the saved structure.
 
 
 def _walk(node: Any, path: tuple = ()):
@@ -104,8 +107,8 @@ def _set_path(node: Any, path: tuple, value: Any) -> None:
     node[path[-1]] = value
 
 
-def _optimizer_structure(optimizer, model_sd, is_loading: bool):
-    structure = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+def _optimizer_structure(optimizer, model_sd, is_loading: bool, metadata: dict):
+    structure = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     leaves = [(path, v) for path, v in _walk(structure) if isinstance(v, ShardedBase)]
     return structure, leaves
 
@@ -144,43 +147,6 @@ def _set_optimizer_step(structure, step: float) -> None:
             d.setdefault("state", {})["common_step"] = torch.tensor(step)
 
 
-def _optimizer_checkpoint(optimizer, model_sd) -> dict:
-    structure, leaves = _optimizer_structure(optimizer, model_sd, is_loading=False)
-    return {"tensors": {str(i): leaf for i, (_, leaf) in enumerate(leaves)}, "step": _optimizer_step(structure)}
-
-
-def _get_path(node: Any, path: tuple) -> Any:
-    for part in path:
-        node = node[part]
-    return node
-
-
-def _rng_state() -> dict:
-    state = {
-        "random": random.getstate(),
-        "np": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["np"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_sharded_object() -> ShardedObject:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
-
-
 def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
     """Write the model, optimizer, scheduler, RNG and run state of ``iteration`` under ``--save``."""
     root = ctx.cfg.ckpt.save
@@ -190,19 +156,26 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
+    cfg = ctx.cfg
     model_sd = ctx.gpt_model.sharded_state_dict()
+    metadata = layout.content_metadata(bool(cfg.parallel.use_distributed_optimizer))
+    padded_vocab = ctx.gpt_model.vocab_size
     state: dict[str, Any] = {
-        "model": model_sd,
-        "optimizer": _optimizer_checkpoint(ctx.optimizer, model_sd),
-        "rng_state": _rng_sharded_object(),
-        "opt_param_scheduler": ctx.scheduler.state_dict(),
+        "args": layout.megatron_lm_args(cfg, iteration, consumed_samples, padded_vocab),
+        "checkpoint_version": layout.MEGATRON_LM_CHECKPOINT_VERSION,
         "iteration": iteration,
+        "model": model_sd,
+        "optimizer": ctx.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=metadata),
+        "opt_param_scheduler": ctx.scheduler.state_dict(),
+        "rng_state": layout.megatron_lm_rng_object(),
+        "num_floating_point_operations_so_far": 0,
+        RNG_KEY: layout.per_rank_rng_object(RNG_KEY, layout.rng_state()),
+        "moe_reg_layout": layout.LAYOUT,
         "consumed_train_samples": consumed_samples,
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "moe_reg_config": ctx.cfg.to_dict(),
-        "parallel_layout": _parallel_layout(ctx.cfg),
+        "moe_reg_config": cfg.to_dict(),
+        "parallel_layout": _parallel_layout(cfg),
     }
-    dist_checkpointing.save(state, str(partial))
+    dist_checkpointing.save(state, str(partial), content_metadata=metadata)
     dist.barrier()
     if dist.get_rank() == 0:
         if final.exists():
@@ -217,12 +190,20 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
 
 
 def _check_architecture(saved: dict, cfg, path: Path) -> None:
-    if not saved:  # written without this package (e.g. by Megatron-LM): nothing to compare
+    if not saved:  # no options recorded: nothing to compare
         return
     current = cfg.to_dict()
+    megatron_lm = saved.get("megatron_lm", False)  # Megatron-LM's args: the plugin's keys only with the add-on
     for group, keys in ARCHITECTURE_KEYS.items():
         for key in keys:
-            old, new = saved.get(group, {}).get(key), current[group][key]
+            new = current[group][key]
+            old = saved.get(group, {}).get(key)
+            if megatron_lm and key not in saved[group]:
+                if group != "plugin":  # a name this Megatron-LM version does not have
+                    continue
+                old = PLUGIN_DEFAULTS[key]  # written by Megatron-LM without the add-on: its own router
+            if key == "kv_channels" and old is None:  # layout 1 left it to TransformerConfig: hidden / heads
+                old = saved[group]["hidden_size"] // saved[group]["num_attention_heads"]
             if key == "num_query_groups":  # what counts: the groups of grouped-query attention, if on
                 old = old if saved.get(group, {}).get("group_query_attention") else None
                 new = new if current[group]["group_query_attention"] else None
@@ -257,9 +238,81 @@ def _drop_restartable(model_sd: dict, path: Path) -> list[str]:
     return dropped
 
 
+def _saved_layout(common: dict) -> dict:
+    """The parallel layout that wrote a checkpoint: ours, or read from Megatron-LM's ``args``."""
+    if "parallel_layout" in common:
+        return common["parallel_layout"]
+    args = common.get("args")
+    tp = getattr(args, "tensor_model_parallel_size", 1)
+    return {
+        "world_size": getattr(args, "world_size", None),
+        "tp": tp,
+        "pp": getattr(args, "pipeline_model_parallel_size", 1),
+        "ep": getattr(args, "expert_model_parallel_size", 1),
+        "etp": getattr(args, "expert_tensor_parallel_size", None) or tp,
+        "cp": getattr(args, "context_parallel_size", 1),
+    }
+
+
+def _optimizer_request(ctx, model_sd, common: dict, version: int, path: Path):
+    """The current optimizer's structure and its tensors as a flat request; the sharding metadata is
+    the checkpoint's (Megatron-LM's ``content_metadata``), so bucket-space formats find their keys."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    use_distributed = bool(ctx.cfg.parallel.use_distributed_optimizer)
+    if version == 1:
+        metadata = layout.LAYOUT_1_OPTIMIZER_METADATA
+    else:
+        metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+        metadata = metadata or layout.content_metadata(use_distributed)
+    kind = metadata.get("distrib_optim_sharding_type")
+    if (
+        kind
+        and kind not in DistributedOptimizer.checkpoint_fully_reshardable_formats
+        and not (use_distributed and _saved_layout(common) == _parallel_layout(ctx.cfg))
+    ):
+        raise ConfigError(
+            f"--load {path}: its optimizer state is the distributed optimizer's '{kind}' format, which only the "
+            f"layout that wrote it reads ({_saved_layout(common)} with --use-distributed-optimizer); use "
+            "--no-load-optim to load the rest, or save with Megatron-LM's --dist-ckpt-optim-fully-reshardable"
+        )
+    structure, leaves = _optimizer_structure(ctx.optimizer, model_sd, is_loading=True, metadata=metadata)
+    return structure, leaves, {"tensors": {str(i): leaf for i, (_, leaf) in enumerate(leaves)}}
+
+
+def _rng_request(ctx, common: dict, version: int) -> tuple[str | None, Any]:
+    """(key, request) of the RNG state this run can restore: every rank's own state when the layout
+    is the same; Megatron-LM's (PP, TP) state when TP and PP are; else none."""
+    saved = _saved_layout(common)
+    same_layout = saved == _parallel_layout(ctx.cfg)
+    if version == 1:
+        return ("rng_state", layout.per_rank_rng_object("rng_state", None)) if same_layout else (None, None)
+    if same_layout and "moe_reg_config" in common:
+        return RNG_KEY, layout.per_rank_rng_object(RNG_KEY, None)
+    if (saved["tp"], saved["pp"]) == (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+    ):
+        return "rng_state", layout.megatron_lm_rng_object()
+    return None, None
+
+
+def _check_readable(path: Path) -> None:
+    """megatron-core 0.19 keeps a checkpoint's common state inside its torch_dist files; older releases
+    read only ``common.pt``."""
+    from megatron_moe_reg.integration.megatron import compat
+
+    if not (path / "common.pt").is_file() and (path / ".metadata").is_file() and compat.MCORE_VERSION.release < (0, 19):
+        raise ConfigError(
+            f"--load {path}: written by megatron-core 0.19 or newer (no common.pt); megatron-core "
+            f"{compat.MCORE_VERSION} cannot read it: load it with megatron-core 0.19+"
+        )
+
+
 def load_checkpoint(ctx) -> tuple[int, int]:
     """Load ``--load`` (its latest iteration, or ``--ckpt-step``) into the model (and optimizer,
-    scheduler, RNG). Returns (iteration, consumed)."""
+    scheduler, RNG): a checkpoint of this trainer (either layout) or of Megatron-LM's.
+    Returns (iteration, consumed)."""
     ck = ctx.cfg.ckpt
     iteration = latest_iteration(ck.load) if ck.ckpt_step is None else ck.ckpt_step
     if ck.ckpt_step is not None and not iteration_dir(ck.load, ck.ckpt_step).is_dir():
@@ -270,21 +323,21 @@ def load_checkpoint(ctx) -> tuple[int, int]:
             return 0, 0
         raise ConfigError(f"--load {ck.load}: no {TRACKER_FILE} found (not a checkpoint directory)")
     path = iteration_dir(ck.load, iteration)
+    _check_readable(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    _check_architecture(common.get("moe_reg_config", {}), ctx.cfg, path)
+    version = layout.layout_of(common)
+    _check_architecture(layout.saved_options(common), ctx.cfg, path)
 
     model_sd = ctx.gpt_model.sharded_state_dict()
     restarted = _drop_restartable(model_sd, path)
     request: dict[str, Any] = {"model": model_sd}
     load_optim = not (ck.no_load_optim or ck.finetune)
     if load_optim:
-        structure, leaves = _optimizer_structure(ctx.optimizer, model_sd, is_loading=True)
-        request["optimizer"] = {"tensors": {str(i): leaf for i, (_, leaf) in enumerate(leaves)}}
-    same_layout = common.get("parallel_layout") == _parallel_layout(ctx.cfg)
-    load_rng = not (ck.no_load_rng or ck.finetune) and same_layout
-    if load_rng:
-        request["rng_state"] = _rng_sharded_object()
-    elif not same_layout:
+        structure, leaves, request["optimizer"] = _optimizer_request(ctx, model_sd, common, version, path)
+    rng_key, rng_request = (None, None) if (ck.no_load_rng or ck.finetune) else _rng_request(ctx, common, version)
+    if rng_key is not None:
+        request[rng_key] = rng_request
+    elif not (ck.no_load_rng or ck.finetune):
         print_rank0("checkpoint was written with another parallel layout: RNG state not restored")
     state = dist_checkpointing.load(request, str(path))
     result = ctx.gpt_model.load_state_dict(state["model"], strict=not restarted)
@@ -301,17 +354,31 @@ def load_checkpoint(ctx) -> tuple[int, int]:
         for where, value in list(_walk(structure)):
             if isinstance(value, LocalNonpersistentObject):  # kept locally, never saved
                 _set_path(structure, where, value.unwrap())
-        _set_optimizer_step(structure, loaded["step"])
+        step = float(common["optimizer"]["step"]) if version == 1 else _optimizer_step(common["optimizer"])
+        if step == 0 and common["iteration"] > 0:  # Megatron-LM's distributed optimizer without Apex / TE
+            step = float(common["iteration"])
+            print_rank0(f"note: the checkpoint holds no Adam step; set to its iteration ({step:.0f})")
+        _set_optimizer_step(structure, step)
         ctx.optimizer.load_state_dict(structure)
-        ctx.scheduler.load_state_dict(common["opt_param_scheduler"])
+        scheduler = common["opt_param_scheduler"]
+        if version == 1:  # counted in steps then, in samples now
+            batch = common["moe_reg_config"]["train"]["global_batch_size"]
+            scheduler = layout.scheduler_from_layout_1(scheduler, batch)
+        ctx.scheduler.load_state_dict(scheduler)
     else:
         ctx.optimizer.reload_model_params()
-    if load_rng:
-        _set_rng_state(state["rng_state"].data if hasattr(state["rng_state"], "data") else state["rng_state"])
-    print_rank0(f"loaded checkpoint {path}")
+    if rng_key is not None:
+        saved_rng = state[rng_key].data if hasattr(state[rng_key], "data") else state[rng_key]
+        if rng_key == "rng_state" and version == 1:
+            saved_rng = layout.rng_from_layout_1(saved_rng)
+        elif rng_key == "rng_state":
+            saved_rng = layout.from_megatron_lm_rng(saved_rng)
+        layout.set_rng_state(saved_rng)
+    print_rank0(f"loaded checkpoint {path}" + ("" if "moe_reg_config" in common else " (written by Megatron-LM)"))
     if ck.finetune:
         return 0, 0
-    return int(common["iteration"]), int(common["consumed_train_samples"])
+    consumed = common.get("consumed_train_samples", getattr(common.get("args"), "consumed_train_samples", 0))
+    return int(common["iteration"]), int(consumed)
 
 
 def resolve_iteration_dir(path: str) -> Path:

@@ -104,7 +104,7 @@ def train_step(ctx: TrainingContext, data_iterator) -> dict:
     losses_reduced = _run_schedule(ctx, data_iterator, forward_only=False)
     update_successful, grad_norm, _ = ctx.optimizer.step()
     if update_successful:
-        ctx.scheduler.step(increment=1)
+        ctx.scheduler.step(increment=ctx.cfg.global_batch_size)
     loss_sum, tokens = _reduce_lm_loss(losses_reduced)
     return {
         "lm loss": loss_sum / max(tokens, 1.0),

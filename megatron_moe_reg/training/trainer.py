@@ -44,17 +44,19 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         ),
         model_chunks,
     )
+    # Megatron-LM's scheduler counts samples (steps x global batch), so its state loads in either trainer.
+    gbs = cfg.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=t.lr,
         min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_steps=t.lr_decay_iters,
+        lr_warmup_steps=t.lr_warmup_iters * gbs,
+        lr_decay_steps=cfg.lr_decay_iters * gbs,
         lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
-        wd_incr_steps=max(t.train_iters, 1),
+        wd_incr_steps=t.train_iters * gbs,
         wd_incr_style="constant",
     )
     return optimizer, scheduler

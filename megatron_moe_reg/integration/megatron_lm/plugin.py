@@ -10,6 +10,7 @@ options against it, before the model is built.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,7 @@ class MegatronLMPlugin:
         install the losses and measurements on them and say what was swapped in."""
 
         def setup_model_and_optimizer(*args, **kwargs):
+            self.record_options(self.get_args())
             out = original(*args, **kwargs)
             model, optimizer = out[0], out[1]
             iteration = self.get_args().iteration
@@ -115,6 +117,14 @@ class MegatronLMPlugin:
             return out
 
         return setup_model_and_optimizer
+
+    def record_options(self, args: Any) -> None:
+        """Put the plugin's options into Megatron-LM's namespace, which its checkpoints save as ``args``
+        (so ``moe-reg pretrain`` checks the router type of a checkpoint it loads). Megatron-LM's own
+        names are left alone."""
+        for f in dataclasses.fields(self.plugin):
+            if not hasattr(args, f.name):
+                setattr(args, f.name, getattr(self.plugin, f.name))
 
     def summary(self, chunks: list) -> str:
         """What the plugin put into the model (this rank's MoE layers)."""
