@@ -35,10 +35,6 @@ CKPT_FORMATS = ("torch", "torch_dist", "torch_dcp", "fsdp_dtensor")
 UNSUPPORTED_CHOICES = {  # flag -> (values moe-reg pretrain does not build, what to do instead)
     "position_embedding_type": (("yarn", "mrope", "relative"), "use rope, learned_absolute or none"),
     "transformer_impl": (("inference_optimized",), "use transformer_engine or local"),
-    "moe_router_load_balancing_type": (
-        ("quantile_balancing",),
-        "use aux_loss, seq_aux_loss, global_aux_loss, sinkhorn or none",
-    ),
     "lr_decay_style": (("WSD",), "use constant, linear, cosine or inverse-square-root"),
     "tokenizer_type": (
         (
@@ -377,6 +373,18 @@ def validate_choices(cfg: RunConfig) -> None:
     moe = cfg.moe
     if moe.moe_router_score_function == "sqrtsoftplus" and Version(package_info.__version__) < Version("0.19"):
         raise ConfigError("--moe-router-score-function sqrtsoftplus needs megatron-core 0.19+; use softmax or sigmoid")
+    if moe.moe_router_load_balancing_type == "quantile_balancing":
+        if Version(package_info.__version__) < Version("0.19"):
+            raise ConfigError(
+                "--moe-router-load-balancing-type quantile_balancing needs megatron-core 0.19+; use aux_loss, "
+                "seq_aux_loss, global_aux_loss, sinkhorn or none"
+            )
+        if moe.moe_aux_loss_coeff > 0:  # megatron-core asserts this when it builds the router
+            raise ConfigError(
+                "--moe-router-load-balancing-type quantile_balancing balances the load with its expert bias "
+                f"and forbids Megatron's aux loss: set --moe-aux-loss-coeff 0 (not {moe.moe_aux_loss_coeff}); "
+                "the plugin's losses may stay on"
+            )
     if moe.moe_token_dispatcher_type == "flex" and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError(
             "--moe-token-dispatcher-type flex needs TransformerEngine layers (and DeepEP); use allgather or alltoall"
