@@ -15,14 +15,25 @@ class ConfigError(ValueError):
     """Invalid configuration. The message names the flag and the fix."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (a non-finite gradient norm, non-finite weights at a save). The message
+    names the iteration, the quantity and the last good checkpoint."""
+
+
 def run_guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
-    """Run a command; configuration errors become one line on stderr (rank 0) and exit status 2."""
+    """Run a command; configuration errors become one line on stderr (rank 0) and exit status 2, a
+    stopped run one line and exit status 1."""
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         return fn(argv) or 0
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if rank0:
             sys.stderr.write(f"moe-reg: error: {e}\n")
         return 2
+    except RunStopped as e:
+        if rank0:
+            sys.stderr.write(f"moe-reg: stopped: {e}\n")
+        return 1
 
 
 def quiet_third_party_warnings() -> None:

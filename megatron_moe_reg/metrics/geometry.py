@@ -5,6 +5,8 @@ srank(W)              = ‖W‖_F² / σ_max²                                 (
 row orthogonality     = ‖Ŵ Ŵᵀ - I‖_F,  Ŵ = W with unit-norm rows      (SimBal's Gram deviation,
                                                                        papers.md §6b; Frobenius
                                                                        form inferred)
+
+A W with a non-finite entry gives nan for each (the SVD behind σ_max would raise), without a host read.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from megatron_moe_reg.losses.router_penalties import EPS, stable_rank
 
 
 @torch.no_grad()
+def spectral_norm(W: torch.Tensor) -> torch.Tensor:
+    """σ_max(W), or nan when W is not finite."""
+    finite = torch.isfinite(W).all()
+    sigma = torch.linalg.matrix_norm(torch.where(finite, W, torch.zeros_like(W)), ord=2)
+    return torch.where(finite, sigma, torch.full_like(sigma, float("nan")))
+
+
+@torch.no_grad()
 def router_geometry(W_EH: torch.Tensor) -> dict[str, float]:
     w = W_EH.detach().double()
-    sigma = torch.linalg.matrix_norm(w, ord=2)
+    sigma = spectral_norm(w)
     return {
         "router_sigma_max": float(sigma),
         "router_stable_rank": float(stable_rank(w, sigma.clamp_min(EPS))),

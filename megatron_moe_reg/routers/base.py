@@ -35,7 +35,7 @@ from megatron_moe_reg.losses.router_penalties import (
     stable_rank,
     stable_rank_penalty,
 )
-from megatron_moe_reg.metrics.geometry import row_orthogonality_error
+from megatron_moe_reg.metrics.geometry import row_orthogonality_error, spectral_norm
 from megatron_moe_reg.metrics.routing import router_distribution, routing_entropy
 
 
@@ -190,7 +190,7 @@ class PluginRouterMixin(_RouterBase):
         num_layers = self.config.num_layers
         with torch.no_grad():
             W = self.penalty_matrix().detach().to(self._compute_dtype())
-            sigma = torch.linalg.matrix_norm(W, ord=2)
+            sigma = spectral_norm(W)
             self.tracker.record("router_sigma_max", sigma, self.layer_number, num_layers)
             self.tracker.record(
                 "router_stable_rank", stable_rank(W, sigma.clamp_min(EPS)), self.layer_number, num_layers

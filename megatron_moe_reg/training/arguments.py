@@ -162,6 +162,9 @@ class TrainArgs:
     clip_grad: float = opt(1.0, "gradient clipping norm (0: off)")
     bf16: bool = opt(False, "bf16 mixed precision")
     calculate_per_token_loss: bool = opt(False, "normalise the loss by the global token count")
+    check_for_nan_in_loss_and_grad: bool = opt(
+        True, "stop before the update when the gradient norm is not finite (a non-finite loss makes it so)"
+    )
     seed: int = opt(1234, "random seed")
     exit_interval: int | None = opt(None, "stop after the iteration divisible by this")
 

@@ -23,9 +23,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
 from megatron_moe_reg.config import PluginConfig
-from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.errors import ConfigError, RunStopped
 from megatron_moe_reg.training import checkpoint_layout as layout
 from megatron_moe_reg.training.distributed import print_rank0
+from megatron_moe_reg.training.finite import all_finite
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RNG_KEY = "moe_reg_rng_state"  # every rank's RNG (layout 2); layout 1 kept it under "rng_state"
@@ -150,6 +151,12 @@ def _set_optimizer_step(structure, step: float) -> None:
 def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
     """Write the model, optimizer, scheduler, RNG and run state of ``iteration`` under ``--save``."""
     root = ctx.cfg.ckpt.save
+    if not all_finite(ctx.gpt_model):
+        last = latest_iteration(root)
+        raise RunStopped(
+            f"iteration {iteration}: the model's weights are not finite; no checkpoint written (last good: "
+            f"{iteration_dir(root, last) if last is not None else 'none'})"
+        )
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:

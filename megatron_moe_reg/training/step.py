@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe_reg.training.data import batch_to_device
+from megatron_moe_reg.training.finite import NonFiniteGradNorm, checked_grad_norm
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -40,6 +41,14 @@ class TrainingContext:
     tokenizer: Tokenizer
     datasets: tuple[Dataset | None, Dataset | None, Dataset | None] = (None, None, None)
     regularizers: Regularizers | None = None  # None when no plugin module is installed
+
+
+class NonFiniteStep(Exception):
+    """The step stopped before its update: the gradient norm, and the LM loss of the step."""
+
+    def __init__(self, grad_norm: float, lm_loss: float):
+        super().__init__(f"gradient norm {grad_norm}, LM loss {lm_loss:.6g}")
+        self.grad_norm, self.lm_loss = grad_norm, lm_loss
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -102,7 +111,12 @@ def train_step(ctx: TrainingContext, data_iterator) -> dict:
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
     losses_reduced = _run_schedule(ctx, data_iterator, forward_only=False)
-    update_successful, grad_norm, _ = ctx.optimizer.step()
+    try:
+        with checked_grad_norm(ctx.optimizer, ctx.cfg.train.check_for_nan_in_loss_and_grad):
+            update_successful, grad_norm, _ = ctx.optimizer.step()
+    except NonFiniteGradNorm as e:
+        loss_sum, tokens = _reduce_lm_loss(losses_reduced)
+        raise NonFiniteStep(e.norm, loss_sum / max(tokens, 1.0)) from None
     if update_successful:
         ctx.scheduler.step(increment=ctx.cfg.global_batch_size)
     loss_sum, tokens = _reduce_lm_loss(losses_reduced)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_moe_reg.errors import RunStopped
 from megatron_moe_reg.experts.selection import choose_backend
 from megatron_moe_reg.integration.install import StepPolicy, install, router_builder
 from megatron_moe_reg.integration.megatron import compat
@@ -16,7 +18,7 @@ from megatron_moe_reg.training import model as model_lib
 from megatron_moe_reg.training.arguments import RunConfig
 from megatron_moe_reg.training.data import build_datasets, make_loader, needs_data
 from megatron_moe_reg.training.reporting import Reporter
-from megatron_moe_reg.training.step import TrainingContext, evaluate, train_step
+from megatron_moe_reg.training.step import NonFiniteStep, TrainingContext, evaluate, train_step
 from megatron_moe_reg.training.tokenizer import build_tokenizer
 
 _AUX_LOSS_NAMES = {
@@ -176,6 +178,27 @@ def _valid_iterator_factory(ctx: TrainingContext):
     return make
 
 
+def _last_checkpoint(cfg: RunConfig) -> str:
+    for root in filter(None, (cfg.ckpt.save, cfg.ckpt.load)):
+        last = checkpointing.latest_iteration(root)
+        if last is not None:
+            return f"{checkpointing.iteration_dir(root, last)} (resume with --load {root})"
+    return "none (no --save)" if not cfg.ckpt.save else "none yet"
+
+
+def _non_finite_message(ctx: TrainingContext, iteration: int, stop: NonFiniteStep) -> str:
+    """Which quantity was not finite: the LM loss, the plugin's losses of this step (those it recorded:
+    every layer's on a log step)."""
+    recorded = ctx.regularizers.finish_step(iteration, None) if ctx.regularizers is not None else {}
+    losses = [name for name, value in recorded.items() if "loss" in name and not math.isfinite(value)]
+    found = f"LM loss {stop.lm_loss:.6g}" + (f"; not finite: {', '.join(losses)}" if losses else "")
+    return (
+        f"iteration {iteration}: the gradient norm is {stop.grad_norm} ({found}); the update was "
+        f"not applied. Last good checkpoint: {_last_checkpoint(ctx.cfg)}. Lower --lr or the loss coefficients, "
+        "or pass --no-check-for-nan-in-loss-and-grad to apply such steps"
+    )
+
+
 def train(ctx: TrainingContext) -> dict:
     """The training loop. Returns the last step's metrics and the last validation result."""
     cfg = ctx.cfg
@@ -193,7 +216,10 @@ def train(ctx: TrainingContext) -> dict:
             regularizers = ctx.regularizers
             if regularizers is not None:
                 regularizers.begin_step(iteration + 1)
-            metrics = train_step(ctx, train_iter)
+            try:
+                metrics = train_step(ctx, train_iter)
+            except NonFiniteStep as e:
+                raise RunStopped(_non_finite_message(ctx, iteration + 1, e)) from None
             metrics.update(_report_moe(ctx, iteration + 1, reporter.writer))
             if regularizers is not None:
                 metrics.update(regularizers.finish_step(iteration + 1, reporter.writer))

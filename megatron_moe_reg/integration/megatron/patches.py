@@ -7,6 +7,8 @@ why it is needed, and when it is applied (``scope``):
   life of the process;
 - ``megatron-lm``: while the add-on runs Megatron-LM's ``pretrain`` (``replaced``), restored after;
 - ``megatron-lm-cpu``: Megatron-LM's initialize path without CUDA, while the add-on runs it on a CPU;
+- ``training``: while ``moe-reg pretrain``'s optimizer step runs (``replaced``), restored after;
+- ``data``: while the datasets are built;
 - ``compat``: Megatron state that ``compat`` edits in place when it reports.
 
 ``kind``: ``replace`` (the attribute exists and is replaced), ``define`` (the attribute is missing
@@ -40,7 +42,7 @@ class Patch:
     target: str  # "module:attribute.path"
     versions: str  # megatron-core minor versions, "0.16" or "0.16-0.19"
     reason: str
-    scope: str  # "cpu" | "megatron-lm" | "compat"
+    scope: str  # "cpu" | "megatron-lm" | "megatron-lm-cpu" | "training" | "data" | "compat"
     make: Callable[[Any], Any] | None = None  # original -> replacement (cpu rows); None: given at apply time
     kind: str = "replace"  # "replace" | "define" | "mutate"
     source: str = "megatron-core"
@@ -320,6 +322,16 @@ PATCHES: tuple[Patch, ...] = (
         "megatron.training.arguments:get_device_arch_version",
         "validate_args asks for the GPU architecture under TP or CP > 1; a CPU has none (0)",
         _const(host.no_device_arch),
+    ),
+    # ---------------------------------------------------------------- moe-reg pretrain's optimizer step
+    Patch(
+        "training.grad-norm-check",
+        "megatron.core.optimizer.optimizer:get_grad_norm_fp32",
+        "0.16-0.19",
+        "every Megatron optimizer computes the gradient norm (one reduction, read on the host) before it "
+        "clips and updates; a non-finite norm stops the step there, before the update "
+        "(--check-for-nan-in-loss-and-grad, while moe-reg pretrain's step runs)",
+        "training",
     ),
     # ---------------------------------------------------------------- data
     Patch(
