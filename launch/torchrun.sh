@@ -34,12 +34,12 @@ if [[ " $* " != *" --data-path "* && " $* " != *" --train-data-path "* && " $* "
               --valid-data-path "$DATA_DIR/valid_text_document")
 fi
 
-CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC"
-     -m megatron_moe_reg.pretrain --config "$CONFIG" "${DATA_FLAGS[@]}"
-     --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
-     --tensorboard-dir "$RUN_DIR/tensorboard" --log-file "$RUN_DIR/metrics.jsonl" "$@")
+ARGS=(--config "$CONFIG" "${DATA_FLAGS[@]}" --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
+      --tensorboard-dir "$RUN_DIR/tensorboard" --log-file "$RUN_DIR/metrics.jsonl" "$@")
+CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_moe_reg.pretrain "${ARGS[@]}")
 
 # shellcheck source=launch/common.sh
 source launch/common.sh
+check_config "$PYTHON" "$NPROC" "${ARGS[@]}"
 run_or_print "$RUN_DIR" "${CMD[@]}"
 echo "TensorBoard: tensorboard --logdir $RUN_DIR/tensorboard    checkpoints: $RUN_DIR/checkpoints"

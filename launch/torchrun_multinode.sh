@@ -18,12 +18,13 @@ PYTHON=${PYTHON:-python3}
 : "${NNODES:?set NNODES}" "${MASTER_ADDR:?set MASTER_ADDR}"
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 1)" 2>/dev/null || echo 1)}
 
+ARGS=(--config "$CONFIG" --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
+      --tensorboard-dir "$RUN_DIR/tensorboard" --log-file "$RUN_DIR/metrics.jsonl" "$@")
 CMD=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE"
      --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-moe-reg-$NAME}"
-     -m megatron_moe_reg.pretrain --config "$CONFIG"
-     --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
-     --tensorboard-dir "$RUN_DIR/tensorboard" --log-file "$RUN_DIR/metrics.jsonl" "$@")
+     -m megatron_moe_reg.pretrain "${ARGS[@]}")
 
 # shellcheck source=launch/common.sh
 source launch/common.sh
+check_config "$PYTHON" "$((NNODES * NPROC_PER_NODE))" "${ARGS[@]}"
 run_or_print "$RUN_DIR" "${CMD[@]}"

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_moe_reg.analysis.cli:main",
         "routing report of checkpoints: metrics.json, plots and index.html",
     ),
+    "check-config": (
+        "megatron_moe_reg.pretrain:check_main",
+        "check a pretrain configuration and its inputs in one process: --world-size N <pretrain flags>",
+    ),
     "megatron-lm": (
         "megatron_moe_reg.integration.megatron_lm.entry:main",
         "Megatron-LM's own pretrain() with the plugin, from megatron-core 0.19+'s megatron.training",

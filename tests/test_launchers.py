@@ -32,3 +32,17 @@ def test_multi_node_command_and_its_required_environment():
         assert cmd[cmd.index(flag) + 1] == value
     missing = _dry("torchrun_multinode.sh", ["examples/mixtral_like.toml"], MASTER_ADDR="n")
     assert missing.returncode != 0 and "NNODES" in missing.stderr
+
+
+def test_a_bad_flag_stops_in_one_process_before_torchrun(tmp_path):
+    """The launcher checks the configuration and inputs first: one line, exit status 2, no torchrun report."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DRY_RUN"}
+    proc = subprocess.run(["bash", "launch/torchrun.sh", "examples/tiny_cpu.toml", "--mock-data",
+                           "--moe-coupling-loss-coeff", "nan"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHON": sys.executable, "NPROC": "2", "RUN_DIR": str(tmp_path / "run")})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moe-reg: error: --moe-coupling-loss-coeff"), lines
+    assert "torch.distributed" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr

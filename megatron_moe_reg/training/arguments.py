@@ -181,6 +181,9 @@ class DataArgs:
     tokenizer_model: str | None = opt(None, "SentencePiece model file")
     data_cache_path: str | None = opt(None, "where dataset index caches are written")
     num_workers: int = opt(2, "data-loader worker processes")
+    data_full_scan: bool = opt(
+        False, "check every token id of the datasets against the vocabulary at start-up (default: a sample)"
+    )
 
 
 @dataclass
@@ -533,6 +536,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if t.min_lr > t.lr:
         raise ConfigError(f"--min-lr {t.min_lr} exceeds --lr {t.lr}")
+    if d.mock_data and (d.data_path or d.train_data_path or d.valid_data_path or d.test_data_path):
+        raise ConfigError("--mock-data trains on random tokens; drop it, or drop the data paths")
     if not d.mock_data and not d.data_path and not d.train_data_path:
         raise ConfigError(
             "--data-path (or --train-data-path) is required; pass --mock-data to train "

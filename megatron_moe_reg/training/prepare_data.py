@@ -100,14 +100,15 @@ def _tokenizer_lines(docs: list[corpus.Document], limit: int) -> list[str]:
     return lines
 
 
-def _write_split(docs: list[corpus.Document], tokenizer: SentencePieceTokenizer, prefix: str) -> int:
+def _write_split(docs: list[corpus.Document], tokenizer: SentencePieceTokenizer, prefix: str) -> tuple[int, int]:
+    """Write one split; returns (tokens, largest token id)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     import torch
 
-    n_tokens = 0
+    n_tokens = largest = 0
     batch = 256
     for start in range(0, len(docs), batch):
         chunk = docs[start : start + batch]
@@ -115,6 +116,7 @@ def _write_split(docs: list[corpus.Document], tokenizer: SentencePieceTokenizer,
             ids = ids + [tokenizer.eod]
             builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
             n_tokens += len(ids)
+            largest = max(largest, max(ids))
     builder.finalize(prefix + ".idx")
     names = sorted({d.domain for d in docs})
     index = {n: i for i, n in enumerate(names)}
@@ -127,7 +129,7 @@ def _write_split(docs: list[corpus.Document], tokenizer: SentencePieceTokenizer,
             }
         )
     )
-    return n_tokens
+    return n_tokens, largest
 
 
 def prepare(o: PrepareOptions, log=print) -> dict:
@@ -177,8 +179,8 @@ def prepare(o: PrepareOptions, log=print) -> dict:
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     counts = {}
     for split in SPLITS:
-        n = _write_split(split_docs[split], tokenizer, dataset_prefix(tmp, split))
-        counts[split] = {"documents": len(split_docs[split]), "tokens": n}
+        n, largest = _write_split(split_docs[split], tokenizer, dataset_prefix(tmp, split))
+        counts[split] = {"documents": len(split_docs[split]), "tokens": n, "max_token_id": largest}
         log(f"{split}: {len(split_docs[split])} documents, {n} tokens")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +197,7 @@ def prepare(o: PrepareOptions, log=print) -> dict:
         "files": files,
         "tokenizer_model": tokenizer_path,
         "vocab_size": tokenizer.vocab_size,
+        "max_token_id": max(c["max_token_id"] for c in counts.values()),  # read by pretrain's start-up check
         "splits": counts,
         "train_data_path": dataset_prefix(out, "train"),
         "valid_data_path": dataset_prefix(out, "valid"),
