@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import package_info
     from packaging.version import Version
 
+    from megatron_moe_reg.integration.megatron_lm.plugin import split_plugin_flags
+
+    split_plugin_flags(list(sys.argv[1:] if argv is None else argv))  # a bad plugin flag is named first
     version = Version(package_info.__version__)
     if not _importable("megatron.training") or version < Version("0.19"):
         raise ConfigError(
