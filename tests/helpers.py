@@ -35,7 +35,7 @@ MOCK = ["--mock-data"]
 STAND_INS = str(Path(__file__).parent / "stand_ins")  # typing.override for megatron.training on 3.11
 
 
-def _env() -> dict:
+def child_env() -> dict:
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -53,7 +53,7 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = T
         assert args[0] == "pretrain"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_moe_reg.pretrain", *args[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
@@ -64,7 +64,7 @@ def run_script(script: str | Path, args: list[str], nproc: int = 1, timeout: int
     """``torchrun --nproc-per-node N SCRIPT ARGS`` with the tests' environment; fails with its stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
            *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
 
@@ -148,7 +148,7 @@ def probe(out: Path, flags: list[str], nproc: int, model: list[str] = LOSS_MODEL
     cmd = [sys.executable, PROBE, str(out), *head, *model[len(head):], "--mock-data", *BATCH, *LOSSES, *flags]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads((out / "values.json").read_text()), read_model_tensors(str(out / "grads"))
 
@@ -211,7 +211,7 @@ def run_megatron_lm(flags: list[str], nproc: int = 1, timeout: int = 600, check:
         cmd, cwd = [*launch, str(ROOT / "patches" / "pretrain_gpt_moe_reg.py"), *flags], CHECKOUT
     else:
         cmd, cwd = [*launch, "-m", "megatron_moe_reg.cli", "megatron-lm", *flags], None
-    full_env = {**_env(), **(env or {})}
+    full_env = {**child_env(), **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"

@@ -46,3 +46,17 @@ def test_a_bad_flag_stops_in_one_process_before_torchrun(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("moe-reg: error: --moe-coupling-loss-coeff"), lines
     assert "torch.distributed" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_slurm_command_asks_for_the_signal_early_and_saves_on_it():
+    env = {"SLURM_NNODES": "2", "SLURM_JOB_ID": "77", "HEAD_NODE": "node0", "SLURM_GPUS_ON_NODE": "8"}
+    proc = _dry("slurm.sbatch", ["examples/mixtral_like.toml", "--mock-data"], **env)
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    for flag, value in (("--nnodes", "2"), ("--nproc-per-node", "8"), ("--rdzv-backend", "c10d"),
+                        ("--rdzv-endpoint", "node0:29500"), ("--rdzv-id", "77")):
+        assert cmd[cmd.index(flag) + 1] == value, (flag, cmd)
+    assert "--exit-signal-handler" in cmd and cmd[-1] == "--mock-data"
+    directives = [line for line in (ROOT / "launch" / "slurm.sbatch").read_text().splitlines()
+                  if line.startswith("#SBATCH")]
+    assert "#SBATCH --signal=TERM@300" in directives and "#SBATCH --requeue" in directives

@@ -131,7 +131,7 @@ def test_two_node_agents_on_loopback_reproduce_the_two_process_run(two_process_r
     import subprocess
     import sys
 
-    from helpers import ROOT, _env
+    from helpers import ROOT, child_env
 
     reference = two_process_runs("ep2-alltoall-distributed-optimizer")
     with socket.socket() as s:
@@ -147,7 +147,7 @@ def test_two_node_agents_on_loopback_reproduce_the_two_process_run(two_process_r
     cwd = [CHECKOUT or tmp_path / f"node{n}" for n in range(2)]
     for directory in cwd:
         os.makedirs(directory, exist_ok=True)
-    nodes = [subprocess.Popen(command, cwd=directory, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    nodes = [subprocess.Popen(command, cwd=directory, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for directory in cwd]
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), [err[-3000:] for _, err in outputs]

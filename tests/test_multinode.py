@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, TINY_MODEL, _env, data_flags, pretrain, read_metrics, without
+from helpers import ROOT, TINY_MODEL, child_env, data_flags, pretrain, read_metrics, without
 
 pytestmark = pytest.mark.multiprocess
 
@@ -31,7 +31,7 @@ def test_two_nodes_on_loopback_reproduce_the_single_node_run(embedded_dataset, t
     single = pretrain(tmp_path, "single", [*FLAGS, "--data-cache-path", str(tmp_path / "single-cache")], nproc=2,
                       data=data, model=[])
     run_dir = tmp_path / "multi"
-    env = {**_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**child_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "RDZV_ID": "loopback"}
     nodes = [subprocess.Popen(["bash", "launch/torchrun_multinode.sh", "examples/tiny_cpu.toml", *FLAGS[2:], *data,
                                "--data-cache-path", str(tmp_path / f"node{n}" / "cache")],

@@ -166,7 +166,9 @@ class TrainArgs:
         True, "stop before the update when the gradient norm is not finite (a non-finite loss makes it so)"
     )
     seed: int = opt(1234, "random seed")
-    exit_interval: int | None = opt(None, "stop after the iteration divisible by this")
+    exit_interval: int | None = opt(None, "stop after the iteration divisible by this (saving first)")
+    exit_duration_in_mins: int | None = opt(None, "save and stop after this many minutes of training")
+    exit_signal_handler: bool = opt(False, "on SIGTERM, finish the step, save and exit 0 (Slurm preemption)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from megatron_moe_reg.training import checkpointing, distributed
 from megatron_moe_reg.training import model as model_lib
 from megatron_moe_reg.training.arguments import RunConfig
 from megatron_moe_reg.training.data import build_datasets, make_loader, needs_data
+from megatron_moe_reg.training.preemption import EarlyExit
 from megatron_moe_reg.training.reporting import Reporter
 from megatron_moe_reg.training.step import NonFiniteStep, TrainingContext, evaluate, train_step
 from megatron_moe_reg.training.tokenizer import build_tokenizer
@@ -210,6 +211,10 @@ def train(ctx: TrainingContext) -> dict:
     last: dict = {}
     validation: dict | None = None
     saved_at = None
+    early_exit = EarlyExit(
+        cfg.train.exit_signal_handler, cfg.train.exit_duration_in_mins, "cuda" if distributed.on_gpu() else "cpu"
+    )
+    preempted = False
     try:
         while iteration < cfg.train.train_iters:
             started = time.time()
@@ -240,11 +245,17 @@ def train(ctx: TrainingContext) -> dict:
                 saved_at = iteration
             if cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0:
                 break
-        if make_valid and cfg.eval.eval_iters > 0:
+            stop = early_exit.reason()
+            if stop:
+                distributed.print_rank0(f"{stop}: saving and stopping after iteration {iteration}")
+                preempted = True
+                break
+        if make_valid and cfg.eval.eval_iters > 0 and not preempted:
             validation = evaluate(ctx, make_valid, cfg.eval.eval_iters)
             reporter.evaluation(iteration, validation)
         if cfg.ckpt.save and saved_at != iteration:
             checkpointing.save_checkpoint(ctx, iteration, consumed)
     finally:
+        early_exit.close()
         reporter.close()
     return {"iteration": iteration, "train": last, "validation": validation}
