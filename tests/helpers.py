@@ -45,7 +45,7 @@ def child_env() -> dict:
 
 
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
-            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+            cwd: str | Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """``moe-reg ARGS`` alone, or ``torchrun --nproc-per-node N -m megatron_moe_reg.pretrain ARGS``."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_moe_reg.cli", *args]
@@ -53,7 +53,8 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = T
         assert args[0] == "pretrain"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_moe_reg.pretrain", *args[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**child_env(), **(env or {})},
+                          cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")

@@ -32,10 +32,20 @@ def checkpoints(tmp_path_factory, embedded_dataset):
     return out
 
 
+def _tree(path: str | Path) -> dict:
+    """Every file under ``path`` with its size, modification time and content digest."""
+    import hashlib
+
+    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha1(f.read_bytes()).digest())
+            for f in sorted(Path(path).rglob("*")) if f.is_file()}
+
+
 def _analyze(out: Path, loads: list[str], labels: list[str], name: str) -> dict:
     args = ["analyze", *[x for load in loads for x in ("--load", load)],
             *[x for label in labels for x in ("--label", label)], *ANALYZE, "--out", str(out / name)]
+    before = [_tree(load) for load in loads]
     run_cli(args)
+    assert [_tree(load) for load in loads] == before  # a checkpoint it reads is never written
     return json.loads((out / name / "metrics.json").read_text())
 
 
@@ -97,7 +107,9 @@ def test_bad_input_is_one_line(tmp_path):
 def _adapt(out: Path, name: str, extra: list[str], data: str, check: bool = True):
     args = ["adapt", "--load", str(out / "topk"), "--data-path", data, "--train-iters", "8", "--lr", "3e-3",
             "--num-tokens", "1024", "--out", str(out / name), *extra]
+    before = _tree(out / "topk")
     proc = run_cli(args, check=check)
+    assert _tree(out / "topk") == before  # a checkpoint it reads is never written
     return proc if not check else json.loads((out / name / "adapt.json").read_text())
 
 

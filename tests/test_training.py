@@ -54,7 +54,8 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "3"
     proc = run_cli(["pretrain", *TINY_MODEL, *MOCK, *common, "--load", str(tmp_path / "ck"), "--ckpt-step", "5"],
                    check=False)
-    assert proc.returncode == 2 and "--ckpt-step 5: " in proc.stderr and "iter_0000005 not found" in proc.stderr
+    assert proc.returncode == 2 and "--ckpt-step 5: " in proc.stderr and "iter_0000005 is missing or partial; " \
+        "the newest complete one is 3" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

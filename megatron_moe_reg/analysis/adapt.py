@@ -26,6 +26,7 @@ import torch
 
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import OneLineErrorParser
+from megatron_moe_reg.training.input_checks import check_output_outside
 
 
 def _parse_experts(items: list[str]) -> list[tuple[int, int]]:
@@ -81,6 +82,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--train-iters and --experts-per-layer must be >= 1 and --lr > 0")
     if not Path(a.load).is_dir():
         raise ConfigError(f"--load {a.load}: no such directory")
+    check_output_outside(a.out, "--out", [a.load])
     if a.save:
         from megatron_moe_reg.training.checkpointing import latest_iteration
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import OneLineErrorParser
+from megatron_moe_reg.training.input_checks import check_output_outside
 
 
 def _names(loads: list[str], labels: list[str] | None) -> list[str]:
@@ -50,8 +51,8 @@ def main(argv: list[str]) -> int:
     for load in a.load:
         if not Path(load).is_dir():
             raise ConfigError(f"--load {load}: no such directory")
+    check_output_outside(a.out, "--out", a.load)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = {}
     data = a.data_path
     for name, load in zip(_names(a.load, a.label), a.load, strict=False):

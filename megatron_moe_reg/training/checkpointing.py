@@ -11,6 +11,7 @@ is done, so an interrupted save never replaces or corrupts an earlier one.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moe_reg.config import PluginConfig
 from megatron_moe_reg.errors import ConfigError, RunStopped
@@ -182,7 +184,20 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
         "moe_reg_config": cfg.to_dict(),
         "parallel_layout": _parallel_layout(cfg),
     }
-    dist_checkpointing.save(state, str(partial), content_metadata=metadata)
+    try:
+        dist_checkpointing.save(state, str(partial), content_metadata=metadata)
+    except (Exception, CheckpointException) as e:  # torch's writer gathers the ranks' failures (a BaseException)
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        last = latest_iteration(root)
+        raise RunStopped(
+            f"iteration {iteration}: writing the checkpoint to {partial} failed ({reason}); the last checkpoint, "
+            f"{iteration_dir(root, last) if last is not None else 'none'}, is intact: free space or choose "
+            f"another --save, and resume with --load {root}"
+        ) from None
     dist.barrier()
     if dist.get_rank() == 0:
         if final.exists():
@@ -194,6 +209,21 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
     dist.barrier()
     print_rank0(f"saved checkpoint at iteration {iteration} to {final}")
     return final
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EFBIG)
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The file-system error behind a failed save (directly, chained, or in the text of torch's gathered
+    per-rank failures), as its message; None for any other failure."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRORS:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    return next((os.strerror(code) for code in WRITE_ERRORS if os.strerror(code) in text), None)
 
 
 def _check_architecture(saved: dict, cfg, path: Path) -> None:

@@ -134,22 +134,55 @@ def complete_iterations(root: Path) -> list[int]:
     return sorted(found)
 
 
-def check_checkpoint_dir(load: str, ckpt_step: int | None) -> None:
+def check_checkpoint_dir(load: str, ckpt_step: int | None, resuming_into_save: bool) -> None:
+    """``--load`` (and ``--ckpt-step``) name a complete checkpoint. ``resuming_into_save``: --load is --save,
+    where a missing or empty directory means a fresh start."""
     root = Path(load)
+    if not root.is_dir():
+        if resuming_into_save:
+            return
+        raise ConfigError(f"--load {load}: no such directory")
     tracker = root / TRACKER_FILE
-    if ckpt_step is not None or not tracker.exists():
-        return  # --ckpt-step is checked when loading; no tracker: a fresh --load == --save, or named then
-    text = tracker.read_text().strip()
     complete = complete_iterations(root)
     newest = (
         f"the newest complete one is {complete[-1]} (--ckpt-step {complete[-1]})" if complete else "none is complete"
     )
+    if ckpt_step is not None:
+        if ckpt_step not in complete:
+            raise ConfigError(
+                f"--ckpt-step {ckpt_step}: {root / f'iter_{ckpt_step:07d}'} is missing or partial; {newest}"
+            )
+        _check_readable(root, ckpt_step, complete)
+        return
+    if not tracker.exists():
+        if resuming_into_save and not complete:
+            return
+        hint = f"; {newest}" if complete else ""
+        raise ConfigError(f"--load {load}: no {TRACKER_FILE} found (not a checkpoint directory){hint}")
+    text = tracker.read_text().strip()
     if not text.isdigit():
         raise ConfigError(f"--load {load}: {tracker} holds {text[:40]!r}, not an iteration; {newest}")
     if int(text) not in complete:
         raise ConfigError(
             f"--load {load}: {TRACKER_FILE} names iteration {text}, which is missing or partial; {newest}"
         )
+    _check_readable(root, int(text), complete)
+
+
+def _check_readable(root: Path, iteration: int, complete: list[int]) -> None:
+    """The iteration's metadata parses and its common state (``common.pt``, before megatron-core 0.19's
+    format) loads."""
+    path = root / f"iter_{iteration:07d}"
+    others = [i for i in complete if i != iteration]
+    other = f"the newest other complete one is {others[-1]} (--ckpt-step {others[-1]})" if others else "no other"
+    try:
+        json.loads((path / "metadata.json").read_text())
+        if (path / "common.pt").is_file():
+            import torch
+
+            torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # any failure to read is a damaged file
+        raise ConfigError(f"--load {root}: {path} is damaged ({type(e).__name__}); {other}") from None
 
 
 def check_run_inputs(cfg) -> None:
@@ -175,5 +208,15 @@ def check_run_inputs(cfg) -> None:
         check_writable_dir(log.tensorboard_dir, "--tensorboard-dir")
     if log.log_file:
         check_writable_dir(os.path.dirname(os.path.abspath(log.log_file)), "--log-file")
-    if ck.load and Path(ck.load).is_dir():
-        check_checkpoint_dir(ck.load, ck.ckpt_step)
+    if ck.load:
+        check_checkpoint_dir(ck.load, ck.ckpt_step, resuming_into_save=ck.load == ck.save)
+
+
+def check_output_outside(out: str, flag: str, loads: list[str]) -> None:
+    """A command that reads checkpoints never writes into one: ``out`` is not inside a ``--load``."""
+    target = Path(out).resolve()
+    for load in loads:
+        root = Path(load).resolve()
+        if target == root or root in target.parents:
+            raise ConfigError(f"{flag} {out} is inside --load {load}; write the results somewhere else")
+    check_writable_dir(out, flag)
