@@ -29,8 +29,8 @@ from megatron_moe_reg.errors import ConfigError, RunStopped
 from megatron_moe_reg.training import checkpoint_layout as layout
 from megatron_moe_reg.training.distributed import print_rank0
 from megatron_moe_reg.training.finite import all_finite
+from megatron_moe_reg.training.input_checks import TRACKER_FILE, iteration_dir
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RNG_KEY = "moe_reg_rng_state"  # every rank's RNG (layout 2); layout 1 kept it under "rng_state"
 # Options that must match between the checkpoint and the run that loads it.
 ARCHITECTURE_KEYS = {
@@ -57,16 +57,18 @@ RESTARTABLE_SUFFIXES = (".power_u", ".power_v")
 PLUGIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PluginConfig)}
 
 
-def iteration_dir(root: str, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
 def latest_iteration(root: str) -> int | None:
     tracker = Path(root) / TRACKER_FILE
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
     return int(text) if text.isdigit() else None
+
+
+def last_checkpoint(root: str | None) -> Path | None:
+    """The iteration folder ``root``'s tracker names, if any."""
+    last = latest_iteration(root) if root else None
+    return iteration_dir(root, last) if root and last is not None else None
 
 
 def _parallel_layout(cfg) -> dict:
@@ -154,10 +156,9 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
     """Write the model, optimizer, scheduler, RNG and run state of ``iteration`` under ``--save``."""
     root = ctx.cfg.ckpt.save
     if not all_finite(ctx.gpt_model):
-        last = latest_iteration(root)
         raise RunStopped(
             f"iteration {iteration}: the model's weights are not finite; no checkpoint written (last good: "
-            f"{iteration_dir(root, last) if last is not None else 'none'})"
+            f"{last_checkpoint(root) or 'none'})"
         )
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -192,10 +193,9 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
             raise
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        last = latest_iteration(root)
         raise RunStopped(
             f"iteration {iteration}: writing the checkpoint to {partial} failed ({reason}); the last checkpoint, "
-            f"{iteration_dir(root, last) if last is not None else 'none'}, is intact: free space or choose "
+            f"{last_checkpoint(root) or 'none'}, is intact: free space or choose "
             f"another --save, and resume with --load {root}"
         ) from None
     dist.barrier()

@@ -27,7 +27,12 @@ from megatron_moe_reg.errors import ConfigError
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset's
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 SAMPLED_TOKENS = 1 << 20  # tokens read by the sampled vocabulary check, in 64 evenly spaced runs
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's, naming a checkpoint folder's newest iteration
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    """``{root}/iter_{iteration:07d}``: one checkpoint, in Megatron-LM's directory layout."""
+    return Path(root) / f"iter_{iteration:07d}"
 
 
 def dataset_prefixes(values: list[str] | None) -> list[str]:
@@ -150,7 +155,7 @@ def check_checkpoint_dir(load: str, ckpt_step: int | None, resuming_into_save: b
     if ckpt_step is not None:
         if ckpt_step not in complete:
             raise ConfigError(
-                f"--ckpt-step {ckpt_step}: {root / f'iter_{ckpt_step:07d}'} is missing or partial; {newest}"
+                f"--ckpt-step {ckpt_step}: {iteration_dir(root, ckpt_step)} is missing or partial; {newest}"
             )
         _check_readable(root, ckpt_step, complete)
         return
@@ -172,7 +177,7 @@ def check_checkpoint_dir(load: str, ckpt_step: int | None, resuming_into_save: b
 def _check_readable(root: Path, iteration: int, complete: list[int]) -> None:
     """The iteration's metadata parses and its common state (``common.pt``, before megatron-core 0.19's
     format) loads."""
-    path = root / f"iter_{iteration:07d}"
+    path = iteration_dir(root, iteration)
     others = [i for i in complete if i != iteration]
     other = f"the newest other complete one is {others[-1]} (--ckpt-step {others[-1]})" if others else "no other"
     try:

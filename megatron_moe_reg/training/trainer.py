@@ -181,9 +181,9 @@ def _valid_iterator_factory(ctx: TrainingContext):
 
 def _last_checkpoint(cfg: RunConfig) -> str:
     for root in filter(None, (cfg.ckpt.save, cfg.ckpt.load)):
-        last = checkpointing.latest_iteration(root)
+        last = checkpointing.last_checkpoint(root)
         if last is not None:
-            return f"{checkpointing.iteration_dir(root, last)} (resume with --load {root})"
+            return f"{last} (resume with --load {root})"
     return "none (no --save)" if not cfg.ckpt.save else "none yet"
 
 
