@@ -103,6 +103,12 @@ class PluginConfig:
         "include the shared expert's SwiGLU activation in R_sp's pairs (needs "
         "--moe-shared-expert-intermediate-size equal to --moe-ffn-hidden-size)",
     )
+    moe_specialization_max_tokens: int = _opt(
+        0,
+        "R_sp over at most N evenly spaced tokens of each micro-batch and layer (the same tokens on "
+        "every parallel layout; only their rows travel back under expert parallelism); 0: every token. "
+        "Bias: the loss and its gradient see only those positions of the sequence",
+    )
     moe_coupling_loss_coeff: float = coefficient(
         0.0,
         "lambda_cp of the cross-layer coupling loss R_cp (arXiv 2602.14159 Eq. 7, inferred form); "
@@ -245,6 +251,11 @@ class PluginConfig:
                 "--moe-specialization-loss-coeff with --moe-router-topk 1: each token has one "
                 "routed expert, so R_sp has no pairs and is identically 0",
                 stacklevel=3,
+            )
+        if self.moe_specialization_max_tokens < 0:
+            raise ConfigError(
+                "--moe-specialization-max-tokens must be >= 0 (0: every token), "
+                f"got {self.moe_specialization_max_tokens}"
             )
         if self.moe_specialization_include_shared_experts:
             self._validate_shared_experts(shape)

@@ -90,6 +90,11 @@ def _check_model(config: Any, layers: list, plugin: PluginConfig) -> None:
             "the plugin's losses and measurements need eager MoE layers; "
             "CUDA graphs (cuda_graph_impl / enable_cuda_graph) bypass them"
         )
+    if getattr(config, "moe_router_padding_for_quantization", False) and plugin.any_enabled:
+        raise ConfigError(
+            "the specialization loss cannot use --moe-router-padding-for-quantization (padding rows have no "
+            "owner token); turn one of them off"
+        )
     if getattr(config, "moe_pad_expert_input_to_capacity", False) and plugin.any_enabled:
         raise ConfigError(
             "the specialization loss cannot use --moe-pad-expert-input-to-capacity (padding rows have no owner token)"

@@ -58,13 +58,13 @@ def specialization_per_token(z_TKF: torch.Tensor, eps: float = EPS) -> torch.Ten
 
 
 def masked_mean(values_T: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
-    """Mean over kept tokens (``token_mask_T`` True = keep); 0, not NaN, when none is kept."""
-    if token_mask_T is not None:
-        keep = token_mask_T.to(device=values_T.device, dtype=torch.bool).reshape(-1)
-        values_T = values_T[keep]
-    if values_T.numel() == 0:
-        return values_T.sum() * 0.0
-    return values_T.mean()
+    """Mean over kept tokens (``token_mask_T`` True = keep); 0, not NaN, when none is kept.
+
+    A weighted sum, not a boolean selection: no host-device synchronization."""
+    if token_mask_T is None:
+        return values_T.mean() if values_T.numel() else values_T.sum() * 0.0
+    keep = token_mask_T.to(device=values_T.device, dtype=values_T.dtype).reshape(-1)
+    return (values_T * keep).sum() / keep.sum().clamp_min(1)
 
 
 def specialization_loss(z_TKF: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,10 @@
 - Router builders: 0.17+ pass ``is_mtp_layer`` to the router; 0.16 does not.
 - MoE metrics: 0.16 has a dict tracker (``save_to_aux_losses_tracker``/``track_moe_metrics``),
   0.17+ a ``MoEMetricsTracker`` object (``moe_logging.py``).
+- Token dispatchers: what R_sp reads of the state a dispatcher computed for its own dispatch
+  (split sizes, chunk orders, groups). The attribute names are the same from 0.16 to 0.19; 0.19's
+  ``token_combine`` also runs the overlapped shared expert, so only the pieces without side
+  effects are reused (``combine_preprocess``, the split sizes).
 """
 
 from __future__ import annotations
@@ -169,3 +173,57 @@ def clear_megatron_moe_tracker() -> None:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
         clear_aux_losses_tracker()
+
+
+# --------------------------------------------------------------------------- token dispatcher state
+
+
+def dispatcher_kind(dispatcher) -> str:
+    """ "alltoall" or "allgather" (the dispatchers whose state R_sp reuses); raises for others."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
+
+    if isinstance(dispatcher, MoEAlltoAllTokenDispatcher):
+        return "alltoall"
+    if isinstance(dispatcher, MoEAllGatherTokenDispatcher):
+        return "allgather"
+    raise ConfigError(
+        f"the specialization loss supports --moe-token-dispatcher-type alltoall or allgather, "
+        f"not {type(dispatcher).__name__}"
+    )
+
+
+def combine_rows(dispatcher, rows):
+    """Rows in the experts' order -> the rows of each source rank's tokens, back on that rank in its
+    permuted order (alltoall dispatcher): the dispatcher's own un-sort and tensor-parallel
+    reduce-scatter (``combine_preprocess``), then the expert-parallel all-to-all with its split
+    sizes (host values the dispatch already read). Differentiable; no host-device synchronization
+    beyond the dispatcher's own."""
+    from megatron.core.tensor_parallel.mappings import all_to_all
+
+    rows = dispatcher.combine_preprocess(rows)
+    return all_to_all(dispatcher.ep_group, rows, dispatcher.input_splits, dispatcher.output_splits)
+
+
+def dispatch_rows(dispatcher, values):
+    """A per-row tensor in a source rank's permuted order -> the experts' order, as the dispatch
+    moved the tokens (alltoall dispatcher): expert-parallel all-to-all, tensor-parallel gather,
+    sort by local expert, with the dispatcher's split sizes. For small integer metadata."""
+    from megatron.core.tensor_parallel.mappings import all_to_all, gather_from_sequence_parallel_region
+    from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
+
+    out = all_to_all(dispatcher.ep_group, values, dispatcher.output_splits, dispatcher.input_splits)
+    if dispatcher.tp_size > 1:
+        splits = dispatcher.output_splits_tp
+        out = gather_from_sequence_parallel_region(
+            out, group=dispatcher.tp_group, output_split_sizes=None if splits is None else splits.tolist()
+        )
+    if dispatcher.num_local_experts > 1:
+        out, _ = sort_chunks_by_idxs(
+            out, dispatcher.num_global_tokens_per_local_expert.ravel(), dispatcher.sort_input_by_local_experts
+        )
+    return out
+
+
+def dispatcher_source_rows(dispatcher) -> int:
+    """How many rows this rank's tokens sent to the experts (host value, alltoall with EP or TP > 1)."""
+    return int(sum(dispatcher.input_splits))

@@ -1,51 +1,70 @@
-"""R_sp inside Megatron, exact under expert, tensor and expert-tensor parallelism.
+"""R_sp inside Megatron, exact under expert, tensor and expert-tensor parallelism, with no host sync.
 
 A token's k routed experts may live on different EP ranks, and with expert-tensor parallelism
 each rank holds only an F/etp slice of an expert's activation. Every co-activated pair counts, so
-the activations of each token are brought back to the rank that owns the token:
+each token's rows meet on the rank that owns the token:
 
-1. capture: a forward hook on the experts' ``linear_fc1`` (each local expert of ``SequentialMLP``,
-   or ``TEGroupedMLP``'s grouped linear) recomputes z = act(gate) ⊙ (up + offset) from fc1's
-   output exactly as Megatron's MLP does, row by row in the dispatched order (the plugin's
-   grouped-GEMM experts hand over the z their kernels keep for backward: no recomputation); with
-   ``--moe-specialization-include-shared-experts`` the shared expert's rows are captured too;
-2. where each row came from: a small tensor per token (owner rank in the dispatch group, token
-   index, its routed experts) is dispatched through a shallow copy of the layer's own token
-   dispatcher, so the expert side learns the owner, token and slot of every row whatever the
-   dispatcher's internal order (allgather or alltoall, any TP/EP layout);
-3. return: the rows (each rank its F-slice) go back to their owners in one differentiable
-   all-to-all over the dispatch (TP x EP) group; the owner assembles z_TKF for its tokens
-   (the F-slices side by side) and computes R_sp over them (``losses.specialization``);
-4. attach: the owner attaches coeff x R_sp to its experts' output with Megatron's aux-loss scale
-   semantics (``aux_loss.attach_local_mean_loss``); gradients flow back through the same
-   all-to-all into the experts' fc1 weights and inputs.
+1. capture: a forward pre-hook on the experts' ``linear_fc2`` (each local expert of
+   ``SequentialMLP``, or ``TEGroupedMLP``'s grouped linear) takes fc2's input: the SwiGLU
+   intermediate z, scaled by the router probability p > 0 where Megatron applies it there. A
+   cosine is scale-invariant, cos²(p_e z_e, p_ν z_ν) = cos²(z_e, z_ν), and this is the tensor fc2
+   keeps for its own backward (no copy, no recomputation). The plugin's grouped-GEMM experts hand
+   over the z their kernels keep. Under ``--recompute-modules moe_act`` (fc2's input is discarded
+   and recomputed) and for an overlapped shared expert, a hook on ``linear_fc1`` recomputes z as
+   Megatron's MLP does, keeping only fc1's output.
+2. where each row belongs: rows leave the experts in Megatron's permuted order (expert-major,
+   tokens ascending), so a row's token and slot follow from the routing map alone
+   (``losses.specialization_rows.permuted_pairs``); nothing is dispatched again.
+3. return to the owner, reusing what the dispatcher computed:
+   - a dispatch group of one rank: no communication;
+   - alltoall: the dispatcher's own un-sort and ETP reduce-scatter, then the EP all-to-all with its
+     split sizes (``compat.combine_rows``): the rows travel as Megatron's combine moves its output;
+   - allgather: each rank scatters its rows into a [group tokens x k] buffer at (token, slot) and
+     one reduce-scatter over the TP x EP group (Megatron's own combine collective) sums them onto
+     the owners; the routing map is gathered (bools, no gradient) for the slots, as the dispatch does;
+   - ``--moe-specialization-max-tokens N``: only the sampled tokens' rows travel, through the same
+     buffer and reduce-scatter (alltoall: the owners first send each row's buffer index, one
+     integer per row, along the dispatch's split sizes).
+4. loss and attachment: ``losses.specialization_rows`` (a Gram autograd function that saves the
+   rows, their positions and the token weights, and recomputes Ẑ and the Gram in backward),
+   attached to the experts' output with Megatron's aux-loss scale semantics
+   (``aux_loss.attach_to_experts_output``); gradients flow back through the same collectives.
 
-Extra communication per MoE layer and micro-batch, forward and backward: one all-to-all of the
-SwiGLU rows (k x F values per token, in the activation dtype) plus, forward only, one dispatch of
-(k + 2) floats per token. Computed only in calls with gradients enabled, so activation recompute
-(selective ``moe``/``moe_act`` or full) counts each micro-batch once. Memory: for backward the
-loss keeps only the assembled z of each layer (T x slots x F values); the SwiGLU recomputation and
-the normalized Gram are recomputed in backward.
+Extra communication per MoE layer and micro-batch under EP/ETP, forward and backward: the k x F
+values per token (alltoall), or the reduce-scatter of the [group tokens x k x F] buffer (allgather:
+the volume of Megatron's own combine at width k x F). Computed only in calls with gradients
+enabled, so activation recompute counts each micro-batch once; a measure-only step computes it
+without gradient.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import TYPE_CHECKING
+import contextlib
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.mappings import all_to_all
+from megatron.core.tensor_parallel.mappings import (
+    all_to_all_hp2sp,
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from torch.utils.checkpoint import checkpoint
 
 from megatron_moe_reg.integration.megatron.aux_loss import attach_to_experts_output
+from megatron_moe_reg.integration.megatron.compat import (
+    combine_rows,
+    dispatch_rows,
+    dispatcher_kind,
+    dispatcher_source_rows,
+)
 from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
-from megatron_moe_reg.losses.specialization import specialization_loss
-
-if TYPE_CHECKING:
-    from megatron_moe_reg.routers.base import RoutingRecord
-
-META_ROUTED = 2  # columns: owner rank, token index, then the routed experts (-1 padded)
+from megatron_moe_reg.integration.regularizers.token_sample import TokenSample, sample_count, token_sample
+from megatron_moe_reg.losses.specialization_rows import (
+    mean_weights,
+    permuted_pairs,
+    slot_of,
+    specialization_loss_from_rows,
+)
 
 
 def glu_intermediate(fc1_output: torch.Tensor, bias: torch.Tensor | None, config) -> torch.Tensor:
@@ -68,71 +87,75 @@ def _recomputed(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
-def _fc1_modules(experts) -> list:
-    """The fc1 module(s) of an experts module, in the order its rows are processed."""
+def _expert_modules(experts, name: str) -> list:
+    """The ``linear_{name}`` module(s) of an experts module, in the order its rows are processed."""
+    attr = f"linear_{name}"
     if hasattr(experts, "local_experts"):  # SequentialMLP
-        return [expert.linear_fc1 for expert in experts.local_experts]
-    if hasattr(experts, "linear_fc1"):  # TEGroupedMLP (and the plugin's grouped experts)
-        return [experts.linear_fc1]
+        return [getattr(expert, attr) for expert in experts.local_experts]
+    if hasattr(experts, attr):  # TEGroupedMLP (and the plugin's grouped experts)
+        return [getattr(experts, attr)]
     raise TypeError(f"the specialization loss cannot read activations of {type(experts).__name__}")
 
 
-def route_rows(rows: torch.Tensor, dest: torch.Tensor, meta: torch.Tensor, group) -> tuple:
-    """Send each row (and its integer metadata) to group rank ``dest``; differentiable in ``rows``."""
-    size = dist.get_world_size(group)
-    order = torch.argsort(dest, stable=True)
-    send_counts = torch.bincount(dest, minlength=size)
-    recv_counts = torch.empty_like(send_counts)
-    if size > 1:
-        dist.all_to_all_single(recv_counts, send_counts, group=group)
-    else:
-        recv_counts.copy_(send_counts)
-    send, recv = send_counts.tolist(), recv_counts.tolist()
-    received_rows = all_to_all(group, rows[order].contiguous(), recv, send)
-    received_meta = meta.new_empty((sum(recv),) + tuple(meta.shape[1:]))
-    if size > 1:
-        dist.all_to_all_single(received_meta, meta[order].contiguous(), recv, send, group=group)
-    else:
-        received_meta.copy_(meta[order])
-    return received_rows, received_meta
+def _fc1_modules(experts) -> list:
+    return _expert_modules(experts, "fc1")
 
 
 class SpecializationProbe:
     """R_sp of one MoE layer: capture, return to owners, loss, attachment and logging."""
 
-    def __init__(self, moe_layer, *, coeff: float, include_shared: bool, tracker, num_layers: int):
+    def __init__(self, moe_layer, *, coeff: float, include_shared: bool, max_tokens: int, tracker, num_layers: int):
+        from megatron.core import parallel_state as ps
+
         self.layer = moe_layer
         self.router, self.dispatcher, self.experts = moe_layer.router, moe_layer.token_dispatcher, moe_layer.experts
         self.config = moe_layer.config
-        self.coeff, self.include_shared = coeff, include_shared
+        self.coeff, self.include_shared, self.max_tokens = coeff, include_shared, max_tokens
         self.tracker, self.num_layers = tracker, num_layers
         self.measure = False
+        self.kind = dispatcher_kind(self.dispatcher)
+        self.k = self.config.moe_router_topk
+        self.slots = self.k + (1 if include_shared else 0)
         self.group = self.dispatcher.tp_ep_group
-        self.group_ranks = dist.get_process_group_ranks(self.group)
-        self.my_index = self.group_ranks.index(dist.get_rank())
-        self.shard = self.dispatcher.tp_rank  # this rank's F-slice of the routed experts
-        self.num_shards = self.dispatcher.tp_size
+        self.group_size = self.group.size()
+        self.my_index = dist.get_process_group_ranks(self.group).index(dist.get_rank())
+        self.shard, self.num_shards = self.dispatcher.tp_rank, self.dispatcher.tp_size  # F-slices (ETP)
         self.local_offset = moe_layer.local_expert_indices[0]
+        self.num_local_experts = len(moe_layer.local_expert_indices)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.member_tp_ranks = [self.tp_rank] * self.group_size  # each group member's TP rank
+        if self.group_size > 1 and self.kind == "allgather" and max_tokens:
+            dist.all_gather_object(self.member_tp_ranks, self.tp_rank, group=self.group)
+        self._cache: dict = {}
         self._rows: list[torch.Tensor] = []
         self._shared_rows: torch.Tensor | None = None
+        recompute_act = "moe_act" in (self.config.recompute_modules or [])
         if hasattr(self.experts, "register_activation_hook"):  # grouped GEMM experts hand z over
             self.handles = [self.experts.register_activation_hook(self._capture_activation)]
+        elif recompute_act:
+            self.handles = [m.register_forward_hook(self._capture_fc1) for m in _expert_modules(self.experts, "fc1")]
         else:
-            self.handles = [m.register_forward_hook(self._capture) for m in _fc1_modules(self.experts)]
+            fc2 = _expert_modules(self.experts, "fc2")
+            self.handles = [m.register_forward_pre_hook(self._capture_fc2_input) for m in fc2]
         self.handles.append(self.experts.register_forward_hook(self._after_experts))
         if include_shared:
-            self.handles.append(moe_layer.shared_experts.linear_fc1.register_forward_hook(self._capture_shared))
-            from megatron.core import parallel_state as ps
-
-            tp_ranks = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
-            self.tp_peer_index = [self.group_ranks.index(r) for r in tp_ranks]
+            shared = moe_layer.shared_experts
+            if recompute_act or getattr(self.config, "moe_shared_expert_overlap", False):
+                self.handles.append(shared.linear_fc1.register_forward_hook(self._capture_shared_fc1))
+            else:
+                self.handles.append(shared.linear_fc2.register_forward_pre_hook(self._capture_shared_fc2_input))
 
     @property
     def active(self) -> bool:
         return (self.coeff > 0 or self.measure) and self.layer.training and torch.is_grad_enabled()
 
     # ------------------------------------------------------------------ capture
-    def _capture(self, module, inputs, output) -> None:
+    def _capture_fc2_input(self, module, args) -> None:
+        if self.active:
+            self._rows.append(args[0].reshape(-1, args[0].shape[-1]))
+
+    def _capture_fc1(self, module, inputs, output) -> None:
         if self.active:
             out, bias = output if isinstance(output, tuple) else (output, None)
             self._rows.append(_recomputed(glu_intermediate, out, bias, self.config))
@@ -141,84 +164,62 @@ class SpecializationProbe:
         if self.active:
             self._rows.append(z)
 
-    def _capture_shared(self, module, inputs, output) -> None:
+    def _capture_shared_fc2_input(self, module, args) -> None:
+        if self.active:
+            self._shared_rows = args[0].reshape(-1, args[0].shape[-1])
+
+    def _capture_shared_fc1(self, module, inputs, output) -> None:
         if self.active:
             out, bias = output if isinstance(output, tuple) else (output, None)
             z = _recomputed(glu_intermediate, out, bias, self.config)
             self._shared_rows = z.reshape(-1, z.shape[-1])
 
-    # ------------------------------------------------------------------ where rows came from
-    def _dispatch_meta(self, routing: RoutingRecord) -> torch.Tensor:
-        """Per dispatched row: [owner index in the dispatch group, token index, routed experts]."""
-        k = self.config.moe_router_topk
-        routing_map = routing.routing_map
-        num_tokens, num_experts = routing_map.shape
-        experts = torch.where(routing_map, torch.arange(num_experts, device=routing_map.device), num_experts)
-        experts = experts.sort(dim=-1).values[:, :k]  # routed experts, ascending; num_experts pads
-        experts = torch.where(experts == num_experts, -1, experts)
-        meta = torch.cat(
-            [
-                torch.full((num_tokens, 1), float(self.my_index), device=routing_map.device),
-                torch.arange(num_tokens, device=routing_map.device, dtype=torch.float32)[:, None],
-                experts.float(),
-            ],
-            dim=1,
-        )
-        clone = copy.copy(self.dispatcher)
-        clone.shared_experts = None
-        probs = torch.zeros(routing_map.shape, dtype=torch.float32, device=routing_map.device)
-        with torch.no_grad():
-            h, p = clone.dispatch_preprocess(meta, routing_map, probs)
-            h, p = clone.token_dispatch(h, p)
-            rows, _, _ = clone.dispatch_postprocess(h, p)
-        return rows.reshape(-1, meta.shape[1]).round().long()
+    # ------------------------------------------------------------------ token sample
+    def _sample(self, num_tokens: int, tp_rank: int, device) -> TokenSample | None:
+        """The sampled tokens of the TP rank ``tp_rank`` (None: every token)."""
+        total = num_tokens * self.tp_size
+        if not self.max_tokens or self.max_tokens >= total:
+            return None
+        key = (num_tokens, tp_rank)
+        if key not in self._cache:
+            self._cache[key] = token_sample(total, self.max_tokens, tp_rank * num_tokens, num_tokens, device)
+        return self._cache[key]
+
+    def _block(self, num_tokens: int) -> int:
+        """Tokens per owner in a group buffer: all, or the largest sample over the TP ranks."""
+        total = num_tokens * self.tp_size
+        if not self.max_tokens or self.max_tokens >= total:
+            return num_tokens
+        return max(sample_count(total, self.max_tokens, r * num_tokens, num_tokens) for r in range(self.tp_size))
+
+    def _token_index(self, num_tokens: int, tp_rank: int, device) -> torch.Tensor:
+        """Each token's index among the owner's buffer tokens (-1: outside the sample)."""
+        sample = self._sample(num_tokens, tp_rank, device)
+        if sample is not None:
+            return sample.sample_index
+        key = ("all", num_tokens)
+        if key not in self._cache:
+            self._cache[key] = torch.arange(num_tokens, device=device)
+        return self._cache[key]
 
     # ------------------------------------------------------------------ loss
     def _after_experts(self, module, inputs, output):
         if not self.active:
             return None
-        if self._rows:
-            rows = torch.cat(self._rows) if len(self._rows) > 1 else self._rows[0]
-        else:  # no rows reached this rank's experts: still take part in the all-to-all
-            width = self.config.moe_ffn_hidden_size // self.num_shards
-            rows = output[0].new_zeros(0, width)
-        self._rows = []
+        chunks, self._rows = self._rows, []
         shared, self._shared_rows = self._shared_rows, None
         routing = self.router.moe_reg_last_routing
-        tokens_per_expert = inputs[1]
-        k = self.config.moe_router_topk
-        meta = self._dispatch_meta(routing)
-        local_expert = (
-            torch.repeat_interleave(
-                torch.arange(len(tokens_per_expert), device=rows.device),
-                torch.as_tensor(tokens_per_expert, device=rows.device).long(),
-            )
-            + self.local_offset
-        )
-        slot = (meta[:, META_ROUTED : META_ROUTED + k] == local_expert[:, None]).long().argmax(dim=1)
-        dest = meta[:, 0]
-        info = torch.stack([meta[:, 1], slot, torch.full_like(slot, self.shard)], dim=1)
-        if shared is not None:  # the shared expert: one more slot, sliced over TP like the experts
-            t = routing.num_tokens
-            owners = torch.arange(shared.shape[0], device=rows.device) // t
-            dest = torch.cat([dest, torch.as_tensor(self.tp_peer_index, device=rows.device)[owners]])
-            shared_info = torch.stack(
-                [
-                    torch.arange(shared.shape[0], device=rows.device) % t,
-                    torch.full_like(owners, k),
-                    torch.full_like(owners, self.shard),
-                ],
-                dim=1,
-            )
-            info = torch.cat([info, shared_info])
-            rows = torch.cat([rows, shared.to(rows.dtype)])
-        received, received_info = route_rows(rows, dest, info, self.group)
-        slots = k + (1 if self.include_shared else 0)
-        z = received.new_zeros(routing.num_tokens, slots, self.num_shards, received.shape[-1])
-        z = z.index_put((received_info[:, 0], received_info[:, 1], received_info[:, 2]), received)
-        z_TKF = z.reshape(routing.num_tokens, slots, -1)
+        if not chunks:  # no rows reached this rank's experts: still take part in the collectives
+            width = self.config.moe_ffn_hidden_size // self.num_shards
+            chunks = [output[0].new_zeros(0, width)]
         keep = routing.keep_mask()
-        loss = _recomputed(specialization_loss, z_TKF, keep)
+        with contextlib.nullcontext() if self.coeff > 0 else torch.no_grad():
+            rows, positions, weights = self._rows_at_owner(chunks, routing, keep)
+            if shared is not None:
+                shared_rows, shared_positions = self._shared_at_owner(shared, routing.num_tokens, weights.shape[0])
+                rows.append(shared_rows.to(rows[0].dtype))
+                positions = torch.cat([positions, shared_positions])
+            loss = specialization_loss_from_rows(rows, positions, weights, self.slots)
         self.tracker.record(
             "specialization_loss",
             loss.detach(),
@@ -227,6 +228,99 @@ class SpecializationProbe:
             avg_group=self.router.tp_cp_group,
         )
         return attach_to_experts_output(output, loss, self.coeff, self.router, keep.sum())
+
+    def _rows_at_owner(self, chunks, routing, keep) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(row chunks, their positions, token weights) on the rank that owns the tokens."""
+        sample = self._sample(routing.num_tokens, self.tp_rank, keep.device)
+        if self.group_size > 1 and (self.kind == "allgather" or sample is not None):
+            return self._reduce_scattered(torch.cat(chunks), routing, keep, sample)
+        if self.group_size > 1:  # alltoall, every token: the rows come back as Megatron's combine
+            chunks = [combine_rows(self.dispatcher, self._full_width(torch.cat(chunks)))]
+        num_rows = sum(c.shape[0] for c in chunks)
+        token, expert = permuted_pairs(routing.routing_map, num_rows)
+        slot = slot_of(routing.routing_map, token, expert)
+        if sample is None:
+            return chunks, token * self.slots + slot, mean_weights(keep)
+        index = sample.sample_index[token]
+        dropped = torch.full_like(index, sample.size * self.slots)
+        return chunks, torch.where(index >= 0, index * self.slots + slot, dropped), mean_weights(keep[sample.indices])
+
+    def _full_width(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's F-slice in a full-width row (zeros elsewhere), for a summing collective."""
+        if self.num_shards == 1:
+            return rows
+        width = rows.shape[-1]
+        return torch.nn.functional.pad(rows, (self.shard * width, (self.num_shards - 1 - self.shard) * width))
+
+    def _reduce_scattered(self, rows, routing, keep, sample: TokenSample | None):
+        """Rows scattered into a [group x block x k] buffer, reduce-scattered onto their owners."""
+        num_tokens, k = routing.num_tokens, self.k
+        block = self._block(num_tokens)
+        target = self._buffer_targets(rows.shape[0], routing, block)
+        buffer = rows.new_zeros(self.group_size * block * k + 1, self.num_shards, rows.shape[-1])
+        buffer = buffer.index_put((target, torch.full_like(target, self.shard)), rows)
+        buffer = buffer[:-1].reshape(self.group_size * block * k, -1)
+        mine = reduce_scatter_to_sequence_parallel_region(buffer, group=self.group)  # [block * k, F]
+        device = mine.device
+        positions = torch.arange(block, device=device)[:, None] * self.slots + torch.arange(k, device=device)
+        if sample is None:
+            return [mine], positions.reshape(-1), mean_weights(keep)
+        sampled_keep = torch.zeros(block, dtype=torch.bool, device=keep.device)
+        sampled_keep[: sample.size] = keep[sample.indices]
+        return [mine], positions.reshape(-1), mean_weights(sampled_keep)
+
+    def _buffer_targets(self, num_rows: int, routing, block: int) -> torch.Tensor:
+        """Each expert-side row's index in the group buffer ((owner x block + token) x k + slot);
+        one past the buffer drops a row."""
+        k, num_tokens = self.k, routing.num_tokens
+        trash = self.group_size * block * k
+        if self.kind == "alltoall":  # the owners name their rows' targets, sent as the tokens were
+            token, expert = permuted_pairs(routing.routing_map, dispatcher_source_rows(self.dispatcher))
+            slot = slot_of(routing.routing_map, token, expert)
+            index = self._token_index(num_tokens, self.tp_rank, token.device)[token]
+            target = torch.where(index >= 0, (self.my_index * block + index) * k + slot, torch.full_like(index, trash))
+            return dispatch_rows(self.dispatcher, target)
+        with torch.no_grad():  # allgather: the group's routing map, gathered as the dispatch does
+            group_map = gather_from_sequence_parallel_region(routing.routing_map, group=self.group)
+        local_map = group_map[:, self.local_offset : self.local_offset + self.num_local_experts]
+        token, expert = permuted_pairs(local_map, num_rows)
+        slot = slot_of(group_map, token, expert + self.local_offset)
+        owner, local = token // num_tokens, token % num_tokens
+        index = self._group_token_index(num_tokens, token.device)[owner, local]
+        return torch.where(index >= 0, (owner * block + index) * k + slot, torch.full_like(index, trash))
+
+    def _group_token_index(self, num_tokens: int, device) -> torch.Tensor:
+        """[group, tokens]: ``_token_index`` of every member of the dispatch group."""
+        key = ("group", num_tokens)
+        if key not in self._cache:
+            rows = [self._token_index(num_tokens, tp_rank, device) for tp_rank in self.member_tp_ranks]
+            self._cache[key] = torch.stack(rows)
+        return self._cache[key]
+
+    def _shared_at_owner(self, shared, num_tokens: int, owner_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared expert's full-width rows of this rank's tokens and their positions (slot k).
+
+        With sequence parallelism each TP rank holds an F-slice for all the TP group's tokens; one
+        all-to-all over TP gives each rank its tokens' full rows (``all_to_all_hp2sp``)."""
+        device = shared.device
+        samples = [self._sample(num_tokens, r, device) for r in range(self.tp_size)]
+        mine = samples[self.tp_rank]
+        if mine is not None:  # only the sampled tokens' rows travel (blocks padded to equal size)
+            block = self._block(num_tokens)
+            pick = [
+                torch.nn.functional.pad(s.indices, (0, block - s.size)) + r * num_tokens
+                for r, s in enumerate(samples)
+                if s is not None
+            ]
+            shared = shared.index_select(0, torch.cat(pick))
+        if self.tp_size > 1:
+            shared = all_to_all_hp2sp(shared, group=self.tp_group)
+        index = torch.arange(shared.shape[0], device=device)
+        positions = index * self.slots + self.k
+        if mine is not None:
+            dropped = torch.full_like(positions, owner_tokens * self.slots)
+            positions = torch.where(index < mine.size, positions, dropped)
+        return shared, positions
 
 
 class Specialization(RegularizerBase):
@@ -253,8 +347,9 @@ class Specialization(RegularizerBase):
 def build(ctx: InstallContext) -> Specialization:
     p = ctx.plugin
     include_shared = p.moe_specialization_include_shared_experts
-    coeff = p.moe_specialization_loss_coeff
+    coeff, max_tokens = p.moe_specialization_loss_coeff, p.moe_specialization_max_tokens
     probes = [
-        SpecializationProbe(layer, coeff=coeff, include_shared=include_shared, **ctx.recording) for layer in ctx.layers
+        SpecializationProbe(layer, coeff=coeff, include_shared=include_shared, max_tokens=max_tokens, **ctx.recording)
+        for layer in ctx.layers
     ]
     return Specialization(probes, coeff)

@@ -1,0 +1,89 @@
+"""R_sp from rows in Megatron's permuted order (the Gram autograd function) against the assembled
+z_TKF formula; the permuted order against Megatron's own ``permute``; the token subsample."""
+
+import pytest
+import torch
+from megatron.core.transformer.moe.moe_utils import permute
+
+from megatron_moe_reg.integration.regularizers.token_sample import sample_count, token_sample
+from megatron_moe_reg.losses.specialization import specialization_loss
+from megatron_moe_reg.losses.specialization_rows import (
+    mean_weights,
+    permuted_pairs,
+    slot_of,
+    specialization_loss_from_rows,
+)
+
+
+def _routing(tokens=12, experts=6, k=3, drop=(2, 7), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=g)
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool)
+    routing_map.scatter_(1, logits.topk(k).indices, True)
+    for t in drop:  # capacity dropping: tokens with fewer than k experts
+        routing_map[t, routing_map[t].nonzero()[0]] = False
+    return routing_map
+
+
+def test_permuted_pairs_follow_megatrons_permute():
+    routing_map = _routing()
+    tokens = torch.arange(routing_map.shape[0], dtype=torch.float32)[:, None].expand(-1, 2).contiguous()
+    out = permute(tokens, routing_map, num_out_tokens=int(routing_map.sum()))
+    token, expert = permuted_pairs(routing_map, int(routing_map.sum()))
+    assert torch.equal(token, out[0][:, 0].long())
+    assert torch.equal(token, out[2])  # Megatron's own row -> token map
+    assert routing_map[token, expert].all()
+    assert torch.equal(expert, torch.sort(expert, stable=True).values)  # expert-major
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rows_loss_and_gradients_equal_the_assembled_formula(dtype):
+    routing_map, k = _routing(), 3
+    n = int(routing_map.sum())
+    token, expert = permuted_pairs(routing_map, n)
+    slot = slot_of(routing_map, token, expert)
+    rows = torch.randn(n, 8, dtype=torch.float64)
+    rows[5] = 0.0  # a zero row: cosine 0
+    rows = rows.to(dtype).requires_grad_()
+    keep = torch.ones(routing_map.shape[0], dtype=torch.bool)
+    keep[[0, 9]] = False
+    chunks = list(torch.split(rows, routing_map.sum(0).tolist()))  # one chunk per expert
+    loss = specialization_loss_from_rows(chunks, token * k + slot, mean_weights(keep, torch.float64), k)
+    ref_rows = rows.detach().clone().requires_grad_()
+    z = torch.zeros(routing_map.shape[0], k, 8, dtype=dtype).index_put((token, slot), ref_rows)
+    ref = specialization_loss(z, keep)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert loss.item() == pytest.approx(ref.item(), rel=tol * 10, abs=tol)
+    loss.backward()
+    ref.backward()
+    assert torch.allclose(rows.grad.double(), ref_rows.grad.double(), atol=1e-2 if dtype == torch.bfloat16 else tol)
+
+
+def test_rows_loss_passes_gradcheck_and_drops_trash_rows():
+    routing_map, k = _routing(tokens=6, experts=4, k=2, drop=(1,)), 2
+    n = int(routing_map.sum())
+    token, expert = permuted_pairs(routing_map, n)
+    positions = token * k + slot_of(routing_map, token, expert)
+    weights = mean_weights(torch.ones(6, dtype=torch.bool), torch.float64)
+    rows = torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r: specialization_loss_from_rows([r], positions, weights, k), (rows,))
+    dropped = torch.where(token == 3, torch.full_like(positions, 6 * k), positions)
+    loss = specialization_loss_from_rows([rows], dropped, weights, k)
+    z = torch.zeros(6, k, 5, dtype=torch.float64).index_put((token, positions % k), rows.detach())
+    z[3] = 0.0
+    assert loss.item() == pytest.approx(specialization_loss(z).item(), rel=1e-12)
+    loss.backward()
+    assert rows.grad[token == 3].abs().sum() == 0
+
+
+def test_token_sample_is_evenly_spaced_and_split_by_rank():
+    total, n = 64, 10
+    whole = token_sample(total, n, 0, total, "cpu").indices
+    assert whole.tolist() == [i * total // n for i in range(n)]
+    parts = [token_sample(total, n, r * 16, 16, "cpu") for r in range(4)]
+    assert torch.cat([p.indices + r * 16 for r, p in enumerate(parts)]).tolist() == whole.tolist()
+    assert [p.size for p in parts] == [sample_count(total, n, r * 16, 16) for r in range(4)]
+    for p in parts:
+        assert (p.sample_index[p.indices] == torch.arange(p.size)).all()
+        assert (p.sample_index >= 0).sum() == p.size
+    assert token_sample(total, 100, 0, total, "cpu").size == total  # N >= M: every token
