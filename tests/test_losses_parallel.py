@@ -85,6 +85,38 @@ def test_shared_expert_slot_is_layout_invariant(layout, shared_workdir):
     assert shared_fc1 and all(grads[k].abs().sum() > 0 for k in shared_fc1)  # R_sp reaches the shared expert
 
 
+SAMPLED = ["--moe-specialization-max-tokens", "37"]  # of 4 x 32 tokens per micro-batch: uneven per TP rank
+SAMPLED_LAYOUTS = {
+    "ep2-allgather": (2, ["--expert-model-parallel-size", "2"]),
+    "ep2-alltoall": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
+    "tp2-sp-etp2-alltoall": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                 "--moe-token-dispatcher-type", "alltoall"]),
+}
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(shared_workdir):
+    out = shared_workdir[0]
+    values, grads = probe(out / "sampled", ["--load", str(out / "init"), "--finetune", *SAMPLED], 1, MODEL + SHARED)
+    return out, values, grads
+
+
+def test_token_subsample_changes_the_loss(sampled_reference, shared_workdir):
+    _, values, _ = sampled_reference
+    _, exact, _ = shared_workdir
+    assert values["specialization_loss"] != pytest.approx(exact["specialization_loss"], rel=1e-4)
+    assert values["specialization_loss"] == pytest.approx(exact["specialization_loss"], rel=0.5)
+
+
+@pytest.mark.parametrize("layout", list(SAMPLED_LAYOUTS))
+def test_token_subsample_is_layout_invariant(layout, sampled_reference):
+    out, ref_values, ref_grads = sampled_reference
+    nproc, flags = SAMPLED_LAYOUTS[layout]
+    values, grads = probe(out / f"sampled-{layout}", flags + ["--load", str(out / "init"), "--finetune", *SAMPLED],
+                          nproc, MODEL + SHARED)
+    assert_same(values, grads, ref_values, ref_grads, layout)
+
+
 def test_bf16_matches_fp32_within_bf16_precision(workdir, reference):
     values, grads = probe(workdir / "bf16", ["--bf16", "--load", str(workdir / "init"), "--finetune"], 1)
     ref_values, ref_grads = reference

@@ -243,7 +243,21 @@ class SpecializationProbe:
             return chunks, token * self.slots + slot, mean_weights(keep)
         index = sample.sample_index[token]
         dropped = torch.full_like(index, sample.size * self.slots)
-        return chunks, torch.where(index >= 0, index * self.slots + slot, dropped), mean_weights(keep[sample.indices])
+        return (
+            chunks,
+            torch.where(index >= 0, index * self.slots + slot, dropped),
+            self._sample_weights(keep[sample.indices]),
+        )
+
+    def _sample_weights(self, sampled_keep: torch.Tensor) -> torch.Tensor:
+        """w_i = tp · keep_i / (kept sampled tokens of the TP group): with the TP ranks' terms
+        averaged (the aux-loss scaling), the mean over the group's kept sampled tokens, however
+        unevenly the sample falls on the ranks (one scalar all-reduce over TP, on the device)."""
+        keep = sampled_keep.to(torch.float32)
+        count = keep.sum()
+        if self.tp_size > 1:
+            dist.all_reduce(count, group=self.tp_group)
+        return keep * self.tp_size / count.clamp_min(1)
 
     def _full_width(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's F-slice in a full-width row (zeros elsewhere), for a summing collective."""
@@ -267,7 +281,7 @@ class SpecializationProbe:
             return [mine], positions.reshape(-1), mean_weights(keep)
         sampled_keep = torch.zeros(block, dtype=torch.bool, device=keep.device)
         sampled_keep[: sample.size] = keep[sample.indices]
-        return [mine], positions.reshape(-1), mean_weights(sampled_keep)
+        return [mine], positions.reshape(-1), self._sample_weights(sampled_keep)
 
     def _buffer_targets(self, num_rows: int, routing, block: int) -> torch.Tensor:
         """Each expert-side row's index in the group buffer ((owner x block + token) x k + slot);
