@@ -54,7 +54,7 @@ class StepPolicy:
     def plan(self, step: int) -> StepPlan:
         measure = self.is_log_step(step) and self.measure_enabled
         expensive = bool(self.metrics_interval) and step % self.metrics_interval == 0
-        return StepPlan(measure=measure, expensive=expensive)
+        return StepPlan(measure=measure, expensive=expensive, log=self.is_log_step(step))
 
 
 CONSOLE_METRICS = frozenset({"routing_entropy", "load_max_violation", "dead_experts", "pes"})
@@ -150,7 +150,9 @@ class Regularizers:
     def begin_step(self, step: int, plan: StepPlan | None = None) -> StepPlan:
         """Before forward/backward of training step ``step`` (from 1); ``plan`` overrides the policy."""
         plan = plan if plan is not None else self.policy.plan(step)
-        self.plan = StepPlan(measure=plan.measure and self.plugin.moe_reg_measure, expensive=plan.expensive)
+        self.plan = StepPlan(
+            measure=plan.measure and self.plugin.moe_reg_measure, expensive=plan.expensive, log=plan.log or plan.measure
+        )
         self.step_id += 1
         for router in self.routers:
             router.moe_reg_step = self.step_id

@@ -31,6 +31,7 @@ class StepPlan:
 
     measure: bool = False  # a log-interval step: every loss and routing metric, with or without gradient
     expensive: bool = False  # also PES and activation MSO (``--moe-metrics-interval``)
+    log: bool = True  # a log step: the losses report their values, averaged since the last report
 
 
 @dataclass

@@ -147,7 +147,7 @@ class CouplingController(RegularizerBase):
         self.measure = plan.measure
 
     def metric_names(self, plan: StepPlan) -> list[str]:
-        return ["coupling_loss"] if self.coeff > 0 or plan.measure else []
+        return ["coupling_loss"] if (self.coeff > 0 and plan.log) or plan.measure else []
 
     def set_coefficient(self, value: float) -> None:
         self.coeff = value

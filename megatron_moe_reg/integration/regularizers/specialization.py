@@ -350,7 +350,8 @@ class Specialization(RegularizerBase):
             probe.measure = plan.measure
 
     def metric_names(self, plan: StepPlan) -> list[str]:
-        return ["specialization_loss"] if self.coeff > 0 or plan.measure else []
+        # between log steps the values stay on the device (no host read); a report averages them
+        return ["specialization_loss"] if (self.coeff > 0 and plan.log) or plan.measure else []
 
     def set_coefficient(self, value: float) -> None:
         self.coeff = value

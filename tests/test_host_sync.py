@@ -1,0 +1,33 @@
+"""A training step that is not a log step makes no host-device synchronizing call from the
+plugin's own code (tests/sync_watch.py), with R_sp and R_cp on: one process, and EP 2 with both
+dispatchers (the token subsample's metadata path under alltoall). Allowed count: 0."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, run_script
+
+WATCH = Path(__file__).parent / "sync_watch.py"
+BASE = ["--config", str(ROOT / "examples" / "tiny_cpu.toml"), "--mock-data", "--vocab-size", "512",
+        "--num-layers", "2", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "10", "--lr-warmup-iters", "1", "--log-interval", "5", "--eval-iters", "0",
+        "--moe-specialization-loss-coeff", "2e-3", "--moe-coupling-loss-coeff", "1e-3"]
+LAYOUTS = {
+    "one-process": (1, ["--moe-grouped-gemm-backend", "sequential"]),
+    "ep2-alltoall-sampled-torch-experts": (2, ["--expert-model-parallel-size", "2", "--moe-grouped-gemm-backend",
+                                               "torch", "--moe-specialization-max-tokens", "50"]),
+    "ep2-allgather": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
+                          "--moe-grouped-gemm-backend", "sequential"]),
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_non_log_step_has_no_plugin_host_sync(layout, tmp_path):
+    nproc, flags = LAYOUTS[layout]
+    run_script(WATCH, [str(tmp_path), *BASE, *flags], nproc=nproc)
+    result = json.loads((tmp_path / "sync_calls.json").read_text())
+    assert result["control"], "the watch must see the host reads of a log step's report"
+    assert result["calls"] == [], result["calls"]
