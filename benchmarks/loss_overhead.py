@@ -1,27 +1,39 @@
-"""Step time and peak memory of training steps with R_sp / R_cp / L_orth on versus off.
+"""Step time and activation memory of training steps with R_sp / R_cp / L_orth on versus off.
 
-One model, one process; the variants alternate step by step on the same data stream (so the
-ratios are measured side by side), each a full training step (forward, backward, optimizer):
+One model; the variants alternate within each round on the same data stream (the order rotates
+from round to round), each a full training step (forward, backward, optimizer). A variant's figure
+is the median over rounds of its time divided by the "off" step of the same round, so drift of a
+noisy machine cancels; "off (control)" is a second "off" step per round, and its ratio (ideally
+1.000) says how far the figures can be trusted.
 
-  off        every coefficient 0, no measurement (expert load is still counted)
-  measure    coefficients 0, losses and routing metrics measured without gradient (what a
-             log-interval step costs)
-  R_sp       λ_sp = 2e-3
-  R_cp       λ_cp = 1e-3
-  R_sp+R_cp  both
-  L_orth     weight-orthogonality loss on fc1, λ = 1e-2
+  off            every coefficient 0, no measurement (expert load is still counted)
+  measure        coefficients 0, losses and routing metrics measured without gradient (a log step)
+  R_sp           λ_sp = 2e-3
+  R_cp           λ_cp = 1e-3
+  R_sp+R_cp      both
+  R_sp+R_cp@256  both, R_sp over 256 evenly spaced tokens per micro-batch (--moe-specialization-max-tokens)
+  L_orth         weight-orthogonality loss on fc1, λ = 1e-2
 
-Memory per variant: the bytes autograd keeps for backward during a step (unique storages,
-counted with ``torch.autograd.graph.saved_tensors_hooks``; CPU and GPU) and, on GPU, the
-allocator's peak, each measured in a fresh subprocess.
+Under the ratios, a breakdown of the plugin's time per step from the profiler (R_sp+R_cp steps):
+return to the owners, Gram (forward and its backward node), attachment, coupling.
 
-    python benchmarks/loss_overhead.py [--config examples/tiny_cpu.toml] [--steps 12]
+With ``--ep 2`` the benchmark runs itself in two processes (expert parallelism, ``--dispatcher``
+alltoall or allgather) and also times the floor of R_sp's exact communication alone: per MoE
+layer and micro-batch, forward and backward, an all-to-all of k x F values per token (alltoall) or
+the reduce-scatter and all-gather of the [group tokens x k x F] buffer (allgather).
+
+Memory (one process): the bytes autograd keeps for backward during a step (unique storages, via
+``torch.autograd.graph.saved_tensors_hooks``) and, on GPU, the allocator's peak, each measured in a
+fresh subprocess.
+
+    python benchmarks/loss_overhead.py [--config examples/tiny_cpu.toml] [--rounds 20] [--ep 2 --dispatcher alltoall]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,9 +41,20 @@ import time
 
 import torch
 
-VARIANTS = {"off": (0.0, 0.0, 0.0, False), "measure": (0.0, 0.0, 0.0, True), "R_sp": (2e-3, 0.0, 0.0, False),
-            "R_cp": (0.0, 1e-3, 0.0, False), "R_sp+R_cp": (2e-3, 1e-3, 0.0, False),
-            "L_orth": (0.0, 0.0, 1e-2, False)}
+# (λ_sp, λ_cp, λ_orth, measure, R_sp max tokens)
+VARIANTS = {
+    "off": (0.0, 0.0, 0.0, False, 0),
+    "off (control)": (0.0, 0.0, 0.0, False, 0),
+    "measure": (0.0, 0.0, 0.0, True, 0),
+    "R_sp": (2e-3, 0.0, 0.0, False, 0),
+    "R_cp": (0.0, 1e-3, 0.0, False, 0),
+    "R_sp+R_cp": (2e-3, 1e-3, 0.0, False, 0),
+    "R_sp+R_cp@256": (2e-3, 1e-3, 0.0, False, 256),
+    "L_orth": (0.0, 0.0, 1e-2, False, 0),
+}
+RANGES = {"return to owners": "moe_reg.R_sp.return", "Gram (forward)": "moe_reg.R_sp.gram",
+          "Gram (backward)": "RowSpecializationBackward", "attachment": "moe_reg.R_sp.attach",
+          "coupling": "moe_reg.R_cp"}
 
 
 def setup(argv):
@@ -40,92 +63,180 @@ def setup(argv):
     from megatron_moe_reg.training.arguments import parse_args
 
     quiet_third_party_warnings()
-    cfg = parse_args(["--config", argv.config, "--mock-data", "--vocab-size", str(argv.vocab_size),
-                      "--micro-batch-size", str(argv.micro_batch_size), "--global-batch-size",
-                      str(argv.micro_batch_size), "--train-iters", "1000", "--eval-iters", "0",
-                      "--moe-specialization-loss-coeff", "1e-3", "--moe-coupling-loss-coeff", "1e-3",
-                      "--moe-weight-orthogonality-coeff", "1e-3"],
-                     world_size=1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    flags = ["--config", argv.config, "--mock-data", "--vocab-size", str(argv.vocab_size),
+             "--micro-batch-size", str(argv.micro_batch_size), "--global-batch-size",
+             str(argv.micro_batch_size * world), "--train-iters", "1000", "--eval-iters", "0",
+             "--moe-specialization-loss-coeff", "1e-3", "--moe-coupling-loss-coeff", "1e-3",
+             "--moe-weight-orthogonality-coeff", "1e-3"]
+    if argv.num_layers:
+        flags += ["--num-layers", str(argv.num_layers)]
+    if world > 1:
+        flags += ["--expert-model-parallel-size", str(world), "--moe-token-dispatcher-type", argv.dispatcher]
+    cfg = parse_args(flags, world_size=world)
     return cfg, trainer.setup(cfg)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def run_step(ctx, data, variant: str) -> float:
     from megatron_moe_reg.integration.regularizers import StepPlan
     from megatron_moe_reg.training.step import train_step
 
-    sp, cp, orth, measure = VARIANTS[variant]
+    sp, cp, orth, measure, max_tokens = VARIANTS[variant]
     regs = ctx.regularizers
     regs.set_coefficients({"moe_specialization_loss_coeff": sp, "moe_coupling_loss_coeff": cp,
                            "moe_weight_orthogonality_coeff": orth})
-    regs.begin_step(1, StepPlan(measure=measure))
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    regs.components["specialization"].set_max_tokens(max_tokens)
+    regs.begin_step(1, StepPlan(measure=measure, log=False))
+    _sync()
     t0 = time.perf_counter()
     train_step(ctx, data)
     regs.finish_step(1)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t0
+
+
+def comm_floor(ctx, cfg, dispatcher: str) -> float:
+    """Seconds per step of R_sp's exact extra communication alone (forward and backward)."""
+    import torch.distributed as dist
+
+    from megatron_moe_reg.integration.megatron.tracker import metrics_device
+
+    m = cfg.model
+    tokens = cfg.train.micro_batch_size * m.seq_length
+    k, width = cfg.moe.moe_router_topk, cfg.moe.moe_ffn_hidden_size or m.ffn_hidden_size
+    world = dist.get_world_size()
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    calls = len(ctx.regularizers.components["specialization"].probes) * cfg.num_microbatches
+    device = metrics_device()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        if dispatcher == "alltoall":
+            rows = torch.randn(tokens * k, width, dtype=dtype, device=device)
+            out = torch.empty_like(rows)
+            dist.all_to_all_single(out, rows)  # forward: rows back to their owners
+            dist.all_to_all_single(rows, out)  # backward: their gradients out again
+        else:
+            buffer = torch.randn(world * tokens * k, width, dtype=dtype, device=device)
+            mine = buffer.new_empty(tokens * k, width)
+            dist.reduce_scatter_tensor(mine, buffer)  # forward
+            dist.all_gather_into_tensor(buffer, mine)  # backward
+    _sync()
+    return time.perf_counter() - t0
+
+
+def breakdown(ctx, data, steps: int) -> dict[str, float]:
+    """Milliseconds per R_sp+R_cp step in each of the plugin's profiler ranges."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run_step(ctx, data, "R_sp+R_cp")
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    return {name: totals.get(key, 0.0) / 1e3 / steps for name, key in RANGES.items()}
+
+
+def memory_probe(ctx, data, variant: str) -> dict:
+    run_step(ctx, data, variant)  # warm-up (optimizer state allocated)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_step(ctx, data, variant)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"saved_mb": sum(storages.values()) / 2**20, "peak_mb": peak}
+
+
+def common_args(argv) -> list[str]:
+    out = ["--config", argv.config, "--vocab-size", str(argv.vocab_size), "--micro-batch-size",
+           str(argv.micro_batch_size)]
+    return out + (["--num-layers", str(argv.num_layers)] if argv.num_layers else [])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="examples/tiny_cpu.toml")
-    p.add_argument("--steps", type=int, default=12, help="timed steps per variant")
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds (each runs every variant once)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--num-layers", type=int, default=0, help="override the config's layer count (0: keep)")
+    p.add_argument("--ep", type=int, default=1, choices=[1, 2], help="expert-parallel processes")
+    p.add_argument("--dispatcher", choices=["alltoall", "allgather"], default="alltoall")
+    p.add_argument("--profile-steps", type=int, default=3, help="R_sp+R_cp steps profiled for the breakdown")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--memory-probe", choices=list(VARIANTS), help=argparse.SUPPRESS)
     argv = p.parse_args()
+    if argv.ep > 1 and "WORLD_SIZE" not in os.environ:  # run itself in argv.ep processes
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={argv.ep}",
+               __file__, *sys.argv[1:]]
+        sys.exit(subprocess.run(cmd).returncode)
     from megatron_moe_reg.training.data import make_loader
 
     cfg, ctx = setup(argv)
     data = iter(make_loader(ctx.datasets[0], cfg))
     if argv.memory_probe:
-        run_step(ctx, data, argv.memory_probe)  # warm-up (optimizer state allocated)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        storages: dict[int, int] = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run_step(ctx, data, argv.memory_probe)
-        saved = sum(storages.values()) / 2**20
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-        print(json.dumps({"saved_mb": saved, "peak_mb": peak}))
+        print(json.dumps(memory_probe(ctx, data, argv.memory_probe)))
         return
-    times = {v: [] for v in VARIANTS}
     names = list(VARIANTS)
-    for i in range(argv.steps + 1):
-        order = names[i % len(names):] + names[:i % len(names)]  # rotate to spread drift evenly
-        for v in order:
-            t = run_step(ctx, data, v)
-            if i > 0:  # the first round warms up
-                times[v].append(t)
+    ratios: dict[str, list[float]] = {v: [] for v in names}
+    times: dict[str, list[float]] = {v: [] for v in names}
+    floors: list[float] = []
+    for i in range(argv.rounds + 1):
+        order = names[i % len(names):] + names[:i % len(names)]
+        measured = {v: run_step(ctx, data, v) for v in order}
+        if argv.ep > 1:
+            floor = comm_floor(ctx, cfg, argv.dispatcher)
+        if i == 0:
+            continue  # the first round warms up
+        for v in names:
+            times[v].append(measured[v])
+            ratios[v].append(measured[v] / measured["off"])
+        if argv.ep > 1:
+            floors.append(floor / measured["off"])
+    parts = breakdown(ctx, data, argv.profile_steps) if argv.profile_steps else {}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     memory = {}
-    for v in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--config", argv.config, "--vocab-size",
-                              str(argv.vocab_size), "--micro-batch-size", str(argv.micro_batch_size),
-                              "--memory-probe", v], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"memory probe {v} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-        memory[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    if argv.ep == 1 and not argv.no_memory:
+        for v in names:
+            out = subprocess.run([sys.executable, __file__, *common_args(argv), "--memory-probe", v],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"memory probe {v} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+            memory[v] = json.loads(out.stdout.strip().splitlines()[-1])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
-    print(f"device: {device}, threads: {torch.get_num_threads()}, config: {argv.config}, {tokens} tokens/step, "
-          f"{argv.steps} timed steps per variant (median)")
-    base_t = statistics.median(times["off"])
-    for v in VARIANTS:
-        t = statistics.median(times[v])
-        saved, base_saved = memory[v]["saved_mb"], memory["off"]["saved_mb"]
-        line = (f"  {v:<10} {1000 * t:8.1f} ms/step  x{t / base_t:.3f}   saved for backward "
-                f"{saved:8.1f} MiB  x{saved / base_saved:.4f}")
-        if memory[v]["peak_mb"] is not None:
-            line += f"   peak {memory[v]['peak_mb']:.1f} MiB x{memory[v]['peak_mb'] / memory['off']['peak_mb']:.4f}"
+    layout = f"EP {argv.ep} ({argv.dispatcher})" if argv.ep > 1 else "one process"
+    print(f"device: {device}, threads: {torch.get_num_threads()}, {layout}, config: {argv.config}, "
+          f"{tokens} tokens/step, {argv.rounds} rounds (median of per-round ratios to 'off')")
+    for v in names:
+        line = f"  {v:<14} {1000 * statistics.median(times[v]):8.1f} ms/step  x{statistics.median(ratios[v]):.3f}"
+        if memory:
+            saved, base = memory[v]["saved_mb"], memory["off"]["saved_mb"]
+            line += f"   saved for backward {saved:8.1f} MiB  x{saved / base:.4f}"
+            if memory[v]["peak_mb"] is not None:
+                line += f"   peak {memory[v]['peak_mb']:.1f} MiB x{memory[v]['peak_mb'] / memory['off']['peak_mb']:.4f}"
         print(line)
+    if floors:
+        print(f"  floor: 'off' + R_sp's exact extra communication alone  x{1 + statistics.median(floors):.3f}")
+    if parts:
+        base = 1000 * statistics.median(times["off"])
+        print(f"  R_sp+R_cp breakdown, ms per step (profiled, {argv.profile_steps} steps; the profiler adds time):")
+        for name, ms in parts.items():
+            print(f"    {name:<18} {ms:7.2f} ms  ({100 * ms / base:.2f} % of an 'off' step)")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 The experts produce one row z_j (width F) per routed (token, expert) pair, in the dispatcher's
 order. ``positions[j] = i * S + s`` names the token i and slot s (0 <= s < S) of row j; the value
-``T * S`` drops a row (a token outside a subsample). With ẑ = z / max(‖z‖, ε) and the per-token
-Gram G_i = Ẑ_i Ẑ_iᵀ (S x S) of the rows placed at token i,
+``T * S`` drops a row (a token outside a subsample). With the per-token Gram G_i = Z_i Z_iᵀ
+(S x S) of the rows placed at token i and d_e = max(G_ee, ε²) (the ε-clamped squared norms),
 
-    R_sp = Σ_i w_i Σ_{e≠ν} G_i[e, ν]²                      (paper Eq. 4, arXiv 2602.14159)
+    R_sp = Σ_i w_i Σ_{e≠ν} G_i[e, ν]² / (d_e d_ν)  = Σ_i w_i Σ_{e≠ν} cos²(z_i^e, z_i^ν)
+                                                             (paper Eq. 4, arXiv 2602.14159)
 
 with w_i = keep_i / Σ keep (the mean over kept tokens; ``losses.specialization``). An empty slot
 (a dropped token's missing expert) is a zero row: cosine 0 with anything.
@@ -21,73 +22,84 @@ fp32 (fp64 inputs stay fp64). No host-device synchronization.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megatron_moe_reg.losses.specialization import EPS
 
 
-def _compute_dtype(rows: tuple[torch.Tensor, ...]) -> torch.dtype:
+def _compute_dtype(rows) -> torch.dtype:
     return torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
 
 
-def _assemble(rows, positions, num_slots: int, width: int, dtype, eps: float):
-    """(ẑ [num_slots, width], norms [num_slots]) with row j at ``positions[j]`` (the trash row dropped)."""
-    device = positions.device
-    z = torch.zeros(num_slots + 1, width, dtype=dtype, device=device)
-    start = 0
-    for chunk in rows:
-        n = chunk.shape[0]
-        if n:
-            z.index_copy_(0, positions[start : start + n], chunk.to(dtype))
-        start += n
-    z = z[:num_slots]
-    norms = z.norm(dim=-1)
-    return z / norms.clamp_min(eps).unsqueeze(-1), norms
+def _sources(positions: torch.Tensor, num_slots: int, num_rows: int, complete: bool) -> torch.Tensor:
+    """For each slot, the row that fills it; ``num_rows`` (a zero row appended) for an empty slot.
+    ``complete``: every slot gets exactly one row (dropless routing, no subsample)."""
+    fill = torch.empty if complete else functools.partial(torch.full, fill_value=num_rows)
+    source = fill((num_slots + 1,), dtype=torch.long, device=positions.device)
+    source.index_copy_(0, positions, torch.arange(num_rows, device=positions.device))
+    return source[:num_slots]
+
+
+def _assemble(rows, sources: torch.Tensor, dtype, complete: bool) -> torch.Tensor:
+    """[num_slots, F]: each slot's row (a gather, one copy of each row), zeros in empty slots."""
+    parts = list(rows) if complete else [*rows, rows[0].new_zeros(1, rows[0].shape[-1])]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return flat.index_select(0, sources).to(dtype)
+
+
+def _cos2_terms(gram: torch.Tensor, eps: float):
+    """Per-token Σ_{e≠ν} G²_eν / (d_e d_ν) with d = max(G_ee, ε²) (= cos² of the ε-clamped norms)."""
+    slots = gram.shape[-1]
+    off = 1.0 - torch.eye(slots, dtype=gram.dtype, device=gram.device)
+    inv_d = 1.0 / gram.diagonal(dim1=1, dim2=2).clamp_min(eps * eps)  # [T, S]
+    ratio = gram.pow(2) * off * inv_d.unsqueeze(2) * inv_d.unsqueeze(1)  # [T, S, S]
+    return ratio, inv_d, off
 
 
 class RowSpecialization(torch.autograd.Function):
-    """``apply(positions, weights_T, slots, eps, *rows)`` -> R_sp (a scalar)."""
+    """``apply(positions, weights_T, slots, eps, complete, *rows)`` -> R_sp (a scalar)."""
 
     @staticmethod
-    def forward(ctx, positions, weights, slots, eps, *rows):
+    def forward(ctx, positions, weights, slots, eps, complete, *rows):
         num_tokens = weights.shape[0]
-        width = rows[0].shape[-1]
         dtype = _compute_dtype(rows)
-        z_hat, _ = _assemble(rows, positions, num_tokens * slots, width, dtype, eps)
-        z_hat = z_hat.view(num_tokens, slots, width)
-        gram = z_hat @ z_hat.transpose(1, 2)
-        off = 1.0 - torch.eye(slots, dtype=dtype, device=gram.device)
-        per_token = (gram.pow(2) * off).sum(dim=(1, 2))
-        ctx.save_for_backward(positions, weights, *rows)
-        ctx.slots, ctx.eps = slots, eps
-        return (per_token * weights.to(dtype)).sum()
+        num_rows = sum(r.shape[0] for r in rows)
+        sources = _sources(positions, num_tokens * slots, num_rows, complete)
+        z = _assemble(rows, sources, dtype, complete).view(num_tokens, slots, -1)
+        gram = z @ z.transpose(1, 2)
+        ratio, inv_d, off = _cos2_terms(gram, eps)
+        # ∂/∂G_eν = 2 G_eν / (d_e d_ν) off the diagonal; ∂/∂d_e = -2 Σ_ν ratio_eν / d_e (both orders),
+        # 0 where the clamp is active: an S x S matrix per token, kept for backward instead of Z
+        d_gram = 2.0 * gram * off * inv_d.unsqueeze(2) * inv_d.unsqueeze(1)
+        d_diag = -2.0 * ratio.sum(dim=2) * inv_d * (gram.diagonal(dim1=1, dim2=2) > eps * eps)
+        d_gram = (d_gram + torch.diag_embed(d_diag)) * weights.to(dtype).view(-1, 1, 1)
+        ctx.save_for_backward(positions, sources, d_gram, *rows)
+        ctx.slots, ctx.complete = slots, complete
+        return ratio.sum(dim=(1, 2)) @ weights.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        positions, weights, *rows = ctx.saved_tensors
-        slots, eps = ctx.slots, ctx.eps
-        num_tokens, width = weights.shape[0], rows[0].shape[-1]
-        dtype = _compute_dtype(tuple(rows))
-        z_hat, norms = _assemble(rows, positions, num_tokens * slots, width, dtype, eps)
-        z3 = z_hat.view(num_tokens, slots, width)
-        gram = z3 @ z3.transpose(1, 2)
-        off = 1.0 - torch.eye(slots, dtype=dtype, device=gram.device)
-        d_gram = 2.0 * gram * off * (grad.to(dtype) * weights.to(dtype)).view(-1, 1, 1)
-        d_hat = (2.0 * d_gram @ z3).view(-1, width)
-        radial = (z_hat * d_hat).sum(-1, keepdim=True)
-        big = (norms > eps).unsqueeze(-1)
-        d_z = torch.where(big, (d_hat - z_hat * radial) / norms.clamp_min(eps).unsqueeze(-1), d_hat / eps)
-        d_z = torch.cat([d_z, d_z.new_zeros(1, width)])  # the trash row's gradient is 0
-        grads, start = [], 0
-        for chunk in rows:
-            n = chunk.shape[0]
-            grads.append(d_z.index_select(0, positions[start : start + n]).to(chunk.dtype))
-            start += n
-        return (None, None, None, None, *grads)
+        positions, sources, d_gram, *rows = ctx.saved_tensors
+        num_tokens, slots = d_gram.shape[0], ctx.slots
+        z = _assemble(rows, sources, d_gram.dtype, ctx.complete).view(num_tokens, slots, -1)
+        d_z = z.new_empty(num_tokens * slots + 1, z.shape[-1])
+        d_z[-1] = 0.0  # the trash row's gradient
+        # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric); into d_z's rows, in place
+        torch.bmm(d_gram * (2.0 * grad.to(d_gram.dtype)), z, out=d_z[:-1].view(num_tokens, slots, -1))
+        d_rows = d_z.index_select(0, positions)
+        grads = d_rows.split([r.shape[0] for r in rows]) if len(rows) > 1 else (d_rows,)
+        return (None, None, None, None, None, *(g.to(r.dtype) for g, r in zip(grads, rows, strict=True)))
 
 
 def specialization_loss_from_rows(
-    rows: list[torch.Tensor], positions: torch.Tensor, weights_T: torch.Tensor, slots: int, eps: float = EPS
+    rows: list[torch.Tensor],
+    positions: torch.Tensor,
+    weights_T: torch.Tensor,
+    slots: int,
+    eps: float = EPS,
+    complete: bool = False,
 ) -> torch.Tensor:
     """R_sp of rows placed at ``positions`` (token * slots + slot; ``T * slots`` drops a row).
 
@@ -96,10 +108,11 @@ def specialization_loss_from_rows(
         positions: long [Σ n_c], values in [0, T * slots].
         weights_T: per-token weights [T] (keep / number kept: a mean over kept tokens).
         slots: S, the slots per token (k, or k + 1 with a shared expert).
+        complete: the positions cover every slot exactly once (skips a zero fill; wrong if not so).
     """
     if not rows:
         raise ValueError("specialization_loss_from_rows needs at least one chunk of rows")
-    return RowSpecialization.apply(positions, weights_T, slots, eps, *rows)
+    return RowSpecialization.apply(positions, weights_T, slots, eps, complete, *rows)
 
 
 def mean_weights(keep_T: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from torch.profiler import record_function
 
 from megatron_moe_reg.config import moe_layer_pattern
 from megatron_moe_reg.integration.megatron.aux_loss import aux_loss_backward_scale, local_mean_scale
@@ -195,6 +196,10 @@ class CouplingController(RegularizerBase):
         """
         if not (self.active and router.training):
             return probs
+        with record_function("moe_reg.R_cp"):  # a profiler range (benchmarks/loss_overhead.py)
+            return self._after_routing(router, logits, probs, routing_map, padding_mask)
+
+    def _after_routing(self, router, logits, probs, routing_map, padding_mask):
         layer = router.layer_number
         with_grad = torch.is_grad_enabled()
         record = self._record_for(layer, with_grad)

@@ -48,6 +48,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from megatron_moe_reg.integration.megatron.aux_loss import attach_to_experts_output
@@ -125,7 +126,7 @@ class SpecializationProbe:
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         self.member_tp_ranks = [self.tp_rank] * self.group_size  # each group member's TP rank
-        if self.group_size > 1 and self.kind == "allgather" and max_tokens:
+        if self.group_size > 1 and self.kind == "allgather":
             dist.all_gather_object(self.member_tp_ranks, self.tp_rank, group=self.group)
         self._cache: dict = {}
         self._rows: list[torch.Tensor] = []
@@ -214,12 +215,17 @@ class SpecializationProbe:
             chunks = [output[0].new_zeros(0, width)]
         keep = routing.keep_mask()
         with contextlib.nullcontext() if self.coeff > 0 else torch.no_grad():
-            rows, positions, weights = self._rows_at_owner(chunks, routing, keep)
-            if shared is not None:
-                shared_rows, shared_positions = self._shared_at_owner(shared, routing.num_tokens, weights.shape[0])
-                rows.append(shared_rows.to(rows[0].dtype))
-                positions = torch.cat([positions, shared_positions])
-            loss = specialization_loss_from_rows(rows, positions, weights, self.slots)
+            with record_function("moe_reg.R_sp.return"):  # profiler ranges (benchmarks/loss_overhead.py)
+                rows, positions, weights = self._rows_at_owner(chunks, routing, keep)
+                if shared is not None:
+                    shared_rows, shared_positions = self._shared_at_owner(shared, routing.num_tokens, weights.shape[0])
+                    rows.append(shared_rows.to(rows[0].dtype))
+                    positions = torch.cat([positions, shared_positions])
+            # dropless routing and every token: each (token, slot) gets exactly one row
+            every_token = self._sample(routing.num_tokens, self.tp_rank, keep.device) is None
+            complete = self.config.moe_expert_capacity_factor is None and every_token
+            with record_function("moe_reg.R_sp.gram"):
+                loss = specialization_loss_from_rows(rows, positions, weights, self.slots, complete=complete)
         self.tracker.record(
             "specialization_loss",
             loss.detach(),
@@ -227,7 +233,8 @@ class SpecializationProbe:
             self.num_layers,
             avg_group=self.router.tp_cp_group,
         )
-        return attach_to_experts_output(output, loss, self.coeff, self.router, keep.sum())
+        with record_function("moe_reg.R_sp.attach"):
+            return attach_to_experts_output(output, loss, self.coeff, self.router, keep.sum())
 
     def _rows_at_owner(self, chunks, routing, keep) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(row chunks, their positions, token weights) on the rank that owns the tokens."""
@@ -357,6 +364,12 @@ class Specialization(RegularizerBase):
         self.coeff = value
         for probe in self.probes:
             probe.coeff = value
+
+    def set_max_tokens(self, value: int) -> None:
+        """Change ``--moe-specialization-max-tokens`` between steps (0: every token)."""
+        for probe in self.probes:
+            probe.max_tokens = value
+            probe._cache.clear()
 
 
 def build(ctx: InstallContext) -> Specialization:
