@@ -25,6 +25,7 @@ COUPLING_VARIANTS = ("product", "log")
 ROUTER_TYPES = ("topk", "spectral", "prototype", "ermoe", "emoe")
 EIGEN_GATES = ("normalized", "softmax")
 ORTHOGONALITY_WEIGHTS = ("fc1", "fc2")
+GRAM_KERNELS = ("auto", "torch", "triton")  # R_sp's per-token Gram (losses.specialization_rows)
 GROUPED_GEMM_BACKENDS = ("auto", "triton", "torch", "te", "sequential")
 MODULE_BACKENDS = ("triton", "torch")  # the backends the plugin's GroupedGemmExperts runs
 
@@ -108,6 +109,11 @@ class PluginConfig:
         "R_sp over at most N evenly spaced tokens of each micro-batch and layer (the same tokens on "
         "every parallel layout; only their rows travel back under expert parallelism); 0: every token. "
         "Bias: the loss and its gradient see only those positions of the sequence",
+    )
+    moe_specialization_gram_kernel: str = _opt(
+        "auto",
+        "R_sp's per-token Gram: fused Triton kernels, or torch's batched matmuls (auto: Triton on a GPU)",
+        choices=list(GRAM_KERNELS),
     )
     moe_coupling_loss_coeff: float = coefficient(
         0.0,
@@ -257,8 +263,24 @@ class PluginConfig:
                 "--moe-specialization-max-tokens must be >= 0 (0: every token), "
                 f"got {self.moe_specialization_max_tokens}"
             )
+        if self.moe_specialization_gram_kernel == "triton":
+            self._validate_gram_kernel()
         if self.moe_specialization_include_shared_experts:
             self._validate_shared_experts(shape)
+
+    def _validate_gram_kernel(self) -> None:
+        import importlib.util
+        import os
+
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("--moe-specialization-gram-kernel triton needs triton (pip install triton), or use auto")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "--moe-specialization-gram-kernel triton needs a GPU (or TRITON_INTERPRET=1); use auto"
+                )
 
     def _validate_shared_experts(self, shape: ModelShape) -> None:
         shared = shape.moe_shared_expert_intermediate_size

@@ -58,16 +58,34 @@ def _cos2_terms(gram: torch.Tensor, eps: float):
     return ratio, inv_d, off
 
 
+def use_triton(kernel: str, rows) -> bool:
+    """Whether the fused Triton kernels compute the Gram ("auto": on CUDA with fp16/bf16/fp32 rows)."""
+    if kernel == "triton":
+        return True
+    if kernel == "torch" or not rows[0].is_cuda or _compute_dtype(rows) == torch.float64:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 class RowSpecialization(torch.autograd.Function):
-    """``apply(positions, weights_T, slots, eps, complete, *rows)`` -> R_sp (a scalar)."""
+    """``apply(positions, weights_T, slots, eps, complete, kernel, *rows)`` -> R_sp (a scalar)."""
 
     @staticmethod
-    def forward(ctx, positions, weights, slots, eps, complete, *rows):
+    def forward(ctx, positions, weights, slots, eps, complete, kernel, *rows):
         num_tokens = weights.shape[0]
         dtype = _compute_dtype(rows)
         num_rows = sum(r.shape[0] for r in rows)
         sources = _sources(positions, num_tokens * slots, num_rows, complete)
         z = _assemble(rows, sources, dtype, complete).view(num_tokens, slots, -1)
+        ctx.slots, ctx.complete, ctx.triton = slots, complete, use_triton(kernel, rows)
+        if ctx.triton:  # one fused pass over Z per token (losses.specialization_kernels)
+            from megatron_moe_reg.losses.specialization_kernels import gram_terms
+
+            per_token, d_gram = gram_terms(z, weights, eps)
+            ctx.save_for_backward(positions, sources, d_gram, *rows)
+            return per_token @ weights.to(per_token.dtype)
         gram = z @ z.transpose(1, 2)
         ratio, inv_d, off = _cos2_terms(gram, eps)
         # ∂/∂G_eν = 2 G_eν / (d_e d_ν) off the diagonal; ∂/∂d_e = -2 Σ_ν ratio_eν / d_e (both orders),
@@ -76,7 +94,6 @@ class RowSpecialization(torch.autograd.Function):
         d_diag = -2.0 * ratio.sum(dim=2) * inv_d * (gram.diagonal(dim1=1, dim2=2) > eps * eps)
         d_gram = (d_gram + torch.diag_embed(d_diag)) * weights.to(dtype).view(-1, 1, 1)
         ctx.save_for_backward(positions, sources, d_gram, *rows)
-        ctx.slots, ctx.complete = slots, complete
         return ratio.sum(dim=(1, 2)) @ weights.to(dtype)
 
     @staticmethod
@@ -86,11 +103,16 @@ class RowSpecialization(torch.autograd.Function):
         z = _assemble(rows, sources, d_gram.dtype, ctx.complete).view(num_tokens, slots, -1)
         d_z = z.new_empty(num_tokens * slots + 1, z.shape[-1])
         d_z[-1] = 0.0  # the trash row's gradient
-        # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric); into d_z's rows, in place
-        torch.bmm(d_gram * (2.0 * grad.to(d_gram.dtype)), z, out=d_z[:-1].view(num_tokens, slots, -1))
+        # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric); into d_z's rows
+        if ctx.triton:
+            from megatron_moe_reg.losses.specialization_kernels import gram_backward
+
+            d_z[:-1] = gram_backward(z, d_gram, grad).view(-1, z.shape[-1])
+        else:
+            torch.bmm(d_gram * (2.0 * grad.to(d_gram.dtype)), z, out=d_z[:-1].view(num_tokens, slots, -1))
         d_rows = d_z.index_select(0, positions)
         grads = d_rows.split([r.shape[0] for r in rows]) if len(rows) > 1 else (d_rows,)
-        return (None, None, None, None, None, *(g.to(r.dtype) for g, r in zip(grads, rows, strict=True)))
+        return (None, None, None, None, None, None, *(g.to(r.dtype) for g, r in zip(grads, rows, strict=True)))
 
 
 def specialization_loss_from_rows(
@@ -100,6 +122,7 @@ def specialization_loss_from_rows(
     slots: int,
     eps: float = EPS,
     complete: bool = False,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """R_sp of rows placed at ``positions`` (token * slots + slot; ``T * slots`` drops a row).
 
@@ -109,10 +132,11 @@ def specialization_loss_from_rows(
         weights_T: per-token weights [T] (keep / number kept: a mean over kept tokens).
         slots: S, the slots per token (k, or k + 1 with a shared expert).
         complete: the positions cover every slot exactly once (skips a zero fill; wrong if not so).
+        kernel: "torch" (batched matmuls), "triton" (``losses.specialization_kernels``) or "auto".
     """
     if not rows:
         raise ValueError("specialization_loss_from_rows needs at least one chunk of rows")
-    return RowSpecialization.apply(positions, weights_T, slots, eps, complete, *rows)
+    return RowSpecialization.apply(positions, weights_T, slots, eps, complete, kernel, *rows)
 
 
 def mean_weights(keep_T: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

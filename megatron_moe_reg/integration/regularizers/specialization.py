@@ -105,13 +105,24 @@ def _fc1_modules(experts) -> list:
 class SpecializationProbe:
     """R_sp of one MoE layer: capture, return to owners, loss, attachment and logging."""
 
-    def __init__(self, moe_layer, *, coeff: float, include_shared: bool, max_tokens: int, tracker, num_layers: int):
+    def __init__(
+        self,
+        moe_layer,
+        *,
+        coeff: float,
+        include_shared: bool,
+        max_tokens: int,
+        tracker,
+        num_layers: int,
+        gram_kernel: str = "auto",
+    ):
         from megatron.core import parallel_state as ps
 
         self.layer = moe_layer
         self.router, self.dispatcher, self.experts = moe_layer.router, moe_layer.token_dispatcher, moe_layer.experts
         self.config = moe_layer.config
         self.coeff, self.include_shared, self.max_tokens = coeff, include_shared, max_tokens
+        self.gram_kernel = gram_kernel
         self.tracker, self.num_layers = tracker, num_layers
         self.measure = False
         self.kind = dispatcher_kind(self.dispatcher)
@@ -225,7 +236,9 @@ class SpecializationProbe:
             every_token = self._sample(routing.num_tokens, self.tp_rank, keep.device) is None
             complete = self.config.moe_expert_capacity_factor is None and every_token
             with record_function("moe_reg.R_sp.gram"):
-                loss = specialization_loss_from_rows(rows, positions, weights, self.slots, complete=complete)
+                loss = specialization_loss_from_rows(
+                    rows, positions, weights, self.slots, complete=complete, kernel=self.gram_kernel
+                )
         self.tracker.record(
             "specialization_loss",
             loss.detach(),
@@ -377,7 +390,14 @@ def build(ctx: InstallContext) -> Specialization:
     include_shared = p.moe_specialization_include_shared_experts
     coeff, max_tokens = p.moe_specialization_loss_coeff, p.moe_specialization_max_tokens
     probes = [
-        SpecializationProbe(layer, coeff=coeff, include_shared=include_shared, max_tokens=max_tokens, **ctx.recording)
+        SpecializationProbe(
+            layer,
+            coeff=coeff,
+            include_shared=include_shared,
+            max_tokens=max_tokens,
+            gram_kernel=p.moe_specialization_gram_kernel,
+            **ctx.recording,
+        )
         for layer in ctx.layers
     ]
     return Specialization(probes, coeff)
