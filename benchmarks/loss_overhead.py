@@ -1,7 +1,7 @@
 """Step time and activation memory of training steps with R_sp / R_cp / L_orth on versus off.
 
-One model; the variants alternate within each round on the same data stream (the order rotates
-from round to round), each a full training step (forward, backward, optimizer). A variant's figure
+One model; the variants alternate within each round on the same data stream (in a new random
+order each round), each a full training step (forward, backward, optimizer). A variant's figure
 is the median over rounds of its time divided by the "off" step of the same round, so drift of a
 noisy machine cancels; "off (control)" is a second "off" step per round, and its ratio (ideally
 1.000) says how far the figures can be trusted.
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -194,8 +195,9 @@ def main() -> None:
     ratios: dict[str, list[float]] = {v: [] for v in names}
     times: dict[str, list[float]] = {v: [] for v in names}
     floors: list[float] = []
+    shuffle = random.Random(1234)  # the same order on every rank
     for i in range(argv.rounds + 1):
-        order = names[i % len(names):] + names[:i % len(names)]
+        order = shuffle.sample(names, len(names))  # a new order each round: no variant always follows another
         measured = {v: run_step(ctx, data, v) for v in order}
         if argv.ep > 1:
             floor = comm_floor(ctx, cfg, argv.dispatcher)
