@@ -27,6 +27,7 @@ Memory (one process): the bytes autograd keeps for backward during a step (uniqu
 fresh subprocess.
 
     python benchmarks/loss_overhead.py [--config examples/tiny_cpu.toml] [--rounds 20] [--ep 2 --dispatcher alltoall]
+        [-- more moe-reg pretrain flags]
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def setup(argv):
              "--moe-weight-orthogonality-coeff", "1e-3"]
     if argv.num_layers:
         flags += ["--num-layers", str(argv.num_layers)]
+    flags += argv.flags
     if world > 1:
         flags += ["--expert-model-parallel-size", str(world), "--moe-token-dispatcher-type", argv.dispatcher]
     cfg = parse_args(flags, world_size=world)
@@ -164,7 +166,8 @@ def memory_probe(ctx, data, variant: str) -> dict:
 def common_args(argv) -> list[str]:
     out = ["--config", argv.config, "--vocab-size", str(argv.vocab_size), "--micro-batch-size",
            str(argv.micro_batch_size)]
-    return out + (["--num-layers", str(argv.num_layers)] if argv.num_layers else [])
+    out += ["--num-layers", str(argv.num_layers)] if argv.num_layers else []
+    return out + (["--", *argv.flags] if argv.flags else [])
 
 
 def main() -> None:
@@ -179,7 +182,9 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=3, help="R_sp+R_cp steps profiled for the breakdown")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--memory-probe", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="after --: more moe-reg pretrain flags (e.g. --bf16)")
     argv = p.parse_args()
+    argv.flags = [f for f in argv.flags if f != "--"]
     if argv.ep > 1 and "WORLD_SIZE" not in os.environ:  # run itself in argv.ep processes
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={argv.ep}",
                __file__, *sys.argv[1:]]
@@ -214,7 +219,7 @@ def main() -> None:
     memory = {}
     if argv.ep == 1 and not argv.no_memory:
         for v in names:
-            out = subprocess.run([sys.executable, __file__, *common_args(argv), "--memory-probe", v],
+            out = subprocess.run([sys.executable, __file__, "--memory-probe", v, *common_args(argv)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"memory probe {v} failed ({out.returncode}):\n{out.stderr[-3000:]}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,17 +98,26 @@ def main(out: str, flags: list[str]) -> None:
     train_step(ctx, data)
     regs.finish_step(1, None)
     watch = SyncWatch()
-    with watch:
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:  # CUDA's own detector too: its warnings name the Python line that synchronized
+        torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught, watch:
+        warnings.simplefilter("always")
         plan = regs.begin_step(2)
         train_step(ctx, data)
         regs.finish_step(2, None)
+    if on_gpu:
+        torch.cuda.set_sync_debug_mode(0)
+    cuda_calls = [f"{w.filename}:{w.lineno} {w.message}" for w in caught
+                  if "synchroniz" in str(w.message) and w.filename.startswith(PACKAGE)
+                  and not w.filename.startswith(EXEMPT)]
     assert not (plan.log or plan.measure), "the watched step must be a non-log step"
     control = SyncWatch()  # a log step's report reads values on the host: the watch must see it
     with control:
         regs.tracker.report(["specialization_loss"], regs.num_layers, 2)
     if dist.get_rank() == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
-        result = {"calls": watch.calls, "control": control.calls}
+        result = {"calls": watch.calls, "control": control.calls, "cuda_calls": cuda_calls}
         (Path(out) / "sync_calls.json").write_text(json.dumps(result, indent=1))
 
 

@@ -31,3 +31,4 @@ def test_non_log_step_has_no_plugin_host_sync(layout, tmp_path):
     result = json.loads((tmp_path / "sync_calls.json").read_text())
     assert result["control"], "the watch must see the host reads of a log step's report"
     assert result["calls"] == [], result["calls"]
+    assert result["cuda_calls"] == [], result["cuda_calls"]  # CUDA's detector (on a GPU only)

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The GPU check: every GPU-only figure and test of the project in one run of about five minutes, on a
+# machine without network (one CUDA GPU, Python 3.12, torch with CUDA, Triton; no megatron-core).
+#
+#   bash benchmarks/gpu_check.sh --prepare     # on a machine with network: wheels into .cache/gpu-wheels
+#   bash benchmarks/gpu_check.sh               # on the GPU machine: install offline, run every step
+#   bash benchmarks/gpu_check.sh --only STEP   # rerun one step (install runs first when needed)
+#   bash benchmarks/gpu_check.sh --dry-run     # check the steps' commands, files and time boxes
+#
+# Steps (each time-boxed; all of them append to one results file, $OUT/gpu_check.md or
+# ./gpu_check.md):
+#   install       the cp312 wheels into .cache/gpu-site with pip --no-index --no-deps --target
+#   pytest        tests marked gpu: compiled grouped-GEMM kernels, torch._grouped_mm, R_sp's Gram
+#                 kernels against the references, fp32 and bf16
+#   grouped_gemm  benchmarks/grouped_gemm_speed.py at the GPU shapes (TFLOP/s, fraction of a dense
+#                 bf16 matmul, speed-up over sequential, peak memory)
+#   training      a bf16 mid-size GPT-MoE (examples/gpu_mid.toml): R_sp + R_cp on vs off with the
+#                 triton and the sequential experts, step time and memory side by side; then a
+#                 non-log step watched for host synchronizations (tests/sync_watch.py)
+#   megatron_lm   Megatron-LM's pretrain() through moe-reg megatron-lm for a few steps
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+WHEELS=${GPU_CHECK_WHEELS:-.cache/gpu-wheels}
+SITE=.cache/gpu-site
+RESULTS=${OUT:-$ROOT}/gpu_check.md
+STEPS=(install pytest grouped_gemm training megatron_lm)
+declare -A BOX=([install]=20 [pytest]=90 [grouped_gemm]=70 [training]=80 [megatron_lm]=40)  # seconds
+# cp312 wheels the GPU machine lacks (it has torch, triton, numpy, sentencepiece, tensorboard,
+# matplotlib, pytest); Megatron-LM's megatron.training also needs six, regex, pydantic, pyyaml, einops
+PURE=(megatron-core==0.19.2 six einops pydantic annotated-types typing-inspection typing-extensions
+      pytest-timeout packaging tqdm)
+BINARY=(regex pyyaml pydantic-core)
+MID=(--config examples/gpu_mid.toml --mock-data --vocab-size 32768)
+
+step_command() {  # the command of a step, one string (the dry run parses it)
+  case $1 in
+    install) echo "python -m pip install -q --no-index --no-deps --target $SITE $WHEELS/*.whl" ;;
+    pytest) echo "python -m pytest -q -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
+    grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json" ;;
+    training) echo "python benchmarks/loss_overhead.py --rounds 4 --no-memory --profile-steps 2 ${MID[*]:0:2} \
+--vocab-size 32768 -- --moe-grouped-gemm-backend triton \
+&& python benchmarks/loss_overhead.py --rounds 4 --no-memory --profile-steps 0 ${MID[*]:0:2} \
+--vocab-size 32768 -- --moe-grouped-gemm-backend sequential \
+&& python tests/sync_watch.py ${OUT:-$ROOT}/sync ${MID[*]} --train-iters 10 --log-interval 5 --eval-iters 0 \
+--moe-specialization-loss-coeff 2e-3 --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton \
+&& cat ${OUT:-$ROOT}/sync/sync_calls.json" ;;
+    megatron_lm) echo "python -m pytest -q -m gpu tests/test_megatron_lm_addon_gpu.py" ;;
+  esac
+}
+
+files_of() {  # files a step needs
+  case $1 in
+    install) echo "$WHEELS" ;;
+    pytest) echo "tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
+    grouped_gemm) echo "benchmarks/grouped_gemm_speed.py" ;;
+    training) echo "benchmarks/loss_overhead.py tests/sync_watch.py examples/gpu_mid.toml" ;;
+    megatron_lm) echo "tests/test_megatron_lm_addon_gpu.py" ;;
+  esac
+}
+
+prepare() {
+  mkdir -p "$WHEELS"
+  local platform=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platform[@]}" -d "$WHEELS" "${PURE[@]}" "${BINARY[@]}"
+  ls "$WHEELS"
+}
+
+dry_run() {
+  local total=0 status=0
+  for step in "${STEPS[@]}"; do
+    local cmd; cmd=$(step_command "$step")
+    if ! bash -n <(echo "$cmd"); then echo "dry-run: step $step: its command does not parse"; status=1; fi
+    for f in $(files_of "$step"); do
+      if [[ ! -e $f ]]; then echo "dry-run: step $step needs $f (run --prepare first?)"; status=1; fi
+    done
+    total=$((total + BOX[$step]))
+    echo "dry-run: $step (${BOX[$step]} s): $cmd"
+  done
+  python -m megatron_moe_reg.cli check-config --world-size 1 "${MID[@]}" || status=1
+  echo "dry-run: time boxes add up to $total s"
+  if ((total > 300)); then echo "dry-run: more than five minutes"; status=1; fi
+  return $status
+}
+
+run_step() {
+  local step=$1 cmd; cmd=$(step_command "$step")
+  local started=$SECONDS rc=0 log; log=$(mktemp)
+  echo "== $step (at most ${BOX[$step]} s)"
+  timeout "${BOX[$step]}" bash -c "$cmd" >"$log" 2>&1 || rc=$?
+  {
+    echo "## $step: $([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc$([[ $rc == 124 ]] && echo ', time box'))"), $((SECONDS - started)) s"
+    echo
+    echo '```'
+    tail -n 60 "$log"
+    echo '```'
+    echo
+  } >>"$RESULTS"
+  tail -n 5 "$log"
+  rm -f "$log"
+  return $rc
+}
+
+main() {
+  case ${1:-} in
+    --prepare) prepare; return ;;
+    --dry-run) dry_run; return ;;
+  esac
+  local steps=("${STEPS[@]}")
+  if [[ ${1:-} == --only ]]; then
+    [[ -n ${BOX[${2:-}]:-} ]] || { echo "gpu_check: --only needs one of: ${STEPS[*]}"; return 2; }
+    steps=("$2")
+    [[ $2 != install && ! -d $SITE ]] && steps=(install "$2")
+  fi
+  export PYTHONPATH="$ROOT:$ROOT/$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  {
+    echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+    echo
+  } >>"$RESULTS"
+  local failed=()
+  for step in "${steps[@]}"; do run_step "$step" || failed+=("$step"); done
+  echo "results: $RESULTS"
+  if ((${#failed[@]})); then echo "failed: ${failed[*]} (rerun: --only STEP)"; return 1; fi
+}
+
+main "$@"
