@@ -1,0 +1,1 @@
+"""Paired-seed studies: specifications, runs and the comparison report (``moe-reg study``)."""
