@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_moe_reg.integration.megatron_lm.entry:main",
         "Megatron-LM's own pretrain() with the plugin, from megatron-core 0.19+'s megatron.training",
     ),
+    "study": (
+        "megatron_moe_reg.studies.cli:main",
+        "paired-seed study: variants x seeds as real runs, evaluated on fixed tokens, one comparison report",
+    ),
     "adapt": (
         "megatron_moe_reg.analysis.adapt:main",
         "fine-tune the experts of a held-out domain and measure interference (SR-MoE's test)",

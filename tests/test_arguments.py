@@ -40,7 +40,7 @@ def test_config_file_sets_options_and_flags_override(tmp_path):
     assert cfg.model.seq_length == 32  # the flag wins over the file
 
 
-EXAMPLE_WORLD_SIZES = {"tiny_cpu.toml": 2, "mixtral_like.toml": 64, "deepseek_like.toml": 16}
+EXAMPLE_WORLD_SIZES = {"tiny_cpu.toml": 2, "mixtral_like.toml": 64, "deepseek_like.toml": 16, "gpu_mid.toml": 1}
 
 
 def test_example_configs_parse():

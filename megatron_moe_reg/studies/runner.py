@@ -1,0 +1,155 @@
+"""Running a study: every (variant, seed) a real ``moe-reg pretrain`` in its own directory, then
+its final checkpoint evaluated on the study's fixed held-out tokens (``analysis.evaluate``).
+
+Restartable: a run with ``done.json`` is skipped; an interrupted one resumes from its last
+checkpoint (``--load`` of its own ``ckpt``). ``--parallel N`` runs N at a time with the cores
+split between them (``OMP_NUM_THREADS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from megatron_moe_reg.errors import RunStopped
+from megatron_moe_reg.studies.spec import StudySpec, parse_variant
+from megatron_moe_reg.training.input_checks import TRACKER_FILE
+
+TOKENS_PER_SECOND_HINT = 2800  # examples/tiny_cpu.toml on 2 CPU cores (README), for dry-run estimates
+_LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / variant / f"seed{seed}"
+
+
+def _env(threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER}
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _pretrain_cmd(spec: StudySpec, variant: str, seed: int, where: Path) -> list[str]:
+    ckpt = where / "ckpt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_moe_reg.cli",
+        "pretrain",
+        *spec.flags(variant, seed),
+        "--save",
+        str(ckpt),
+        "--log-file",
+        str(where / "log.jsonl"),
+        "--no-progress-bar",
+    ]
+    if (ckpt / TRACKER_FILE).is_file():  # interrupted: resume from its last checkpoint
+        cmd += ["--load", str(ckpt)]
+    return cmd
+
+
+def _eval_cmd(spec: StudySpec, where: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "megatron_moe_reg.analysis.evaluate",
+        "--load",
+        str(where / "ckpt"),
+        "--out",
+        str(where / "eval.json"),
+        "--num-tokens",
+        str(spec.eval_tokens),
+        "--sample-tokens",
+        str(spec.metrics_tokens),
+    ]
+
+
+def _steps_done(log: Path) -> int:
+    if not log.is_file():
+        return 0
+    return sum(1 for line in log.read_text().splitlines() if '"lm loss"' in line)
+
+
+class Progress:
+    """One status line: runs done of all, and the running runs' steps."""
+
+    def __init__(self, total: int, done: int, steps: int):
+        self.total, self.done, self.steps = total, done, steps
+        self.running: dict[str, Path] = {}
+        self.lock = threading.Lock()
+
+    def line(self) -> str:
+        parts = [f"{name} step {_steps_done(where / 'log.jsonl')}/{self.steps}" for name, where in self.running.items()]
+        return f"study: {self.done}/{self.total} runs done" + (f"; {', '.join(parts)}" if parts else "")
+
+    def show(self) -> None:
+        sys.stdout.write("\r" + self.line().ljust(100) if sys.stdout.isatty() else self.line() + "\n")
+        sys.stdout.flush()
+
+
+def _run_one(spec, variant, seed, out, threads, progress: Progress) -> None:
+    where = run_dir(out, variant, seed)
+    where.mkdir(parents=True, exist_ok=True)
+    name = f"{variant}/seed{seed}"
+    started = time.time()
+    with progress.lock:
+        progress.running[name] = where
+    try:
+        for cmd, log_name in (
+            (_pretrain_cmd(spec, variant, seed, where), "pretrain.log"),
+            (_eval_cmd(spec, where), "eval.log"),
+        ):
+            with open(where / log_name, "a") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
+                while proc.poll() is None:
+                    time.sleep(2)
+                    if sys.stdout.isatty():
+                        progress.show()
+            if proc.returncode != 0:
+                tail = (where / log_name).read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise RunStopped(f"study run {name} failed (exit {proc.returncode}): {tail[0]}; see {where / log_name}")
+        (where / "done.json").write_text(json.dumps({"seconds": time.time() - started}))
+    finally:
+        with progress.lock:
+            progress.running.pop(name, None)
+            progress.done += (where / "done.json").is_file()
+        progress.show()
+
+
+def estimate_seconds(spec: StudySpec, out: Path) -> tuple[float, str]:
+    """Wall time of the runs not done yet: from the study's finished runs, else a throughput hint."""
+    todo = [r for r in spec.runs() if not (run_dir(out, *r) / "done.json").is_file()]
+    measured = [json.loads(p.read_text())["seconds"] for p in out.glob("runs/*/*/done.json")]
+    if measured:
+        return len(todo) * sum(measured) / len(measured), f"from {len(measured)} finished run(s)"
+    cfg = parse_variant(spec, spec.baseline)
+    tokens = cfg.train.train_iters * cfg.global_batch_size * cfg.model.seq_length
+    hint = f"at {TOKENS_PER_SECOND_HINT} tokens/s (examples/tiny_cpu.toml on 2 CPU cores; larger models are slower)"
+    return len(todo) * tokens / TOKENS_PER_SECOND_HINT, hint
+
+
+def run_study(spec: StudySpec, out: Path, parallel: int = 1, dry_run: bool = False) -> None:
+    runs = spec.runs()
+    todo = [r for r in runs if not (run_dir(out, *r) / "done.json").is_file()]
+    if dry_run:
+        for variant, seed in runs:
+            state = "done" if (variant, seed) not in todo else "to run"
+            print(f"{variant}/seed{seed} ({state}): moe-reg pretrain {' '.join(spec.flags(variant, seed))}")
+        seconds, how = estimate_seconds(spec, out)
+        print(f"study: {len(todo)} of {len(runs)} runs to go, about {seconds / 60:.0f} min with --parallel 1 ({how})")
+        return
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    steps = parse_variant(spec, spec.baseline).train.train_iters
+    progress = Progress(len(runs), len(runs) - len(todo), steps)
+    progress.show()
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for future in [pool.submit(_run_one, spec, v, s, out, threads, progress) for v, s in todo]:
+            future.result()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
