@@ -5,6 +5,7 @@ finished run and resumes the interrupted one from its checkpoint."""
 import json
 
 import pytest
+import torch
 
 from helpers import TINY_MODEL, run_cli
 
@@ -97,3 +98,43 @@ def test_tiny_study_runs_reports_and_resumes(tmp_path):
     assert "loaded checkpoint" in log and (interrupted / "done.json").is_file()  # resumed from its own checkpoint
     resumed = [json.loads(line) for line in (interrupted / "log.jsonl").read_text().splitlines() if line.strip()]
     assert len([r for r in resumed if "lm loss" in r]) == 2  # its two steps, none run again after resuming
+
+
+@pytest.mark.parametrize("name", ["specialization", "routers", "orthogonality"])
+def test_example_studies_are_valid_specs(name, monkeypatch, tmp_path):
+    """Every variant's flags parse (the corpus flags swapped for mock data: no dataset here)."""
+    import tomllib
+
+    from megatron_moe_reg.studies.spec import load_spec
+
+    from helpers import ROOT
+
+    raw = tomllib.loads((ROOT / "examples" / "studies" / f"{name}.toml").read_text())
+    base, data = raw["study"]["base"], ("--tokenizer-model", "--train-data-path", "--valid-data-path")
+    base = [v for i, v in enumerate(base) if v not in data and (i == 0 or base[i - 1] not in data)]
+    assert len(base) == len(raw["study"]["base"]) - 6
+    spec = _spec(tmp_path / f"{name}.toml", raw["variants"], raw["study"]["seeds"],
+                 base=[*base, "--mock-data", "--vocab-size", "4096"], extra=f'baseline = "{raw["study"]["baseline"]}"')
+    monkeypatch.chdir(ROOT)  # their paths are the checkout's, as the README runs them
+    loaded = load_spec(spec)
+    assert len(loaded.seeds) >= 3 and loaded.baseline in loaded.variants
+
+
+@pytest.mark.multiprocess
+def test_router_variants_share_every_other_initial_value(tmp_path):
+    """At the same seed every non-router parameter is bit-identical at step 0 whatever the router
+    (the eigenbasis routers draw their own parameters from a fork of the generator)."""
+    from megatron_moe_reg.training.checkpointing import read_model_tensors
+
+    from helpers import pretrain
+
+    tensors = {}
+    for router in ("topk", "spectral", "ermoe", "emoe"):
+        pretrain(tmp_path, router, ["--train-iters", "0", "--lr-decay-iters", "4", "--save", str(tmp_path / router),
+                                    "--moe-router-type", router], model=[*TINY_MODEL, "--mock-data"])
+        tensors[router] = read_model_tensors(str(next((tmp_path / router).glob("iter_*"))))
+    shared = [k for k in tensors["topk"] if "router" not in k]
+    assert len(shared) >= 8  # embeddings, attention, norms, experts, output layer
+    for router, values in tensors.items():
+        different = [k for k in shared if not torch.equal(values[k], tensors["topk"][k])]
+        assert different == [], (router, different)

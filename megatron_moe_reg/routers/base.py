@@ -56,6 +56,13 @@ class RoutingRecord:
         return ~self.padding_mask.reshape(-1).to(torch.bool)
 
 
+def own_random_stream():
+    """Draws for a router's own parameters from a fork of the CPU generator, which is restored
+    afterwards: every other parameter of the model gets the values it gets with the top-k router
+    and the same seed, so router variants of a study differ only in the router."""
+    return torch.random.fork_rng(devices=[])
+
+
 def tag_router_parameter(param: torch.nn.Parameter, config) -> torch.nn.Parameter:
     """New router parameters are replicated over TP: their gradients are summed over TP like the
     router weight's (Megatron's ``sequence_parallel`` attribute)."""

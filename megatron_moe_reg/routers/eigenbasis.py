@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_reg.routers.base import PluginRouterMixin, tag_router_parameter
+from megatron_moe_reg.routers.base import PluginRouterMixin, own_random_stream, tag_router_parameter
 
 TINY = 1e-20
 
@@ -52,8 +52,9 @@ class EigenbasisRouter(PluginRouterMixin, TopKRouter):
         del self.weight  # the bases replace the linear gate
         rank = plugin.moe_eigen_rank
         raw = torch.empty(config.num_moe_experts, config.hidden_size, rank, dtype=torch.float32)
-        for e in range(config.num_moe_experts):
-            torch.nn.init.orthogonal_(raw[e])
+        with own_random_stream():
+            for e in range(config.num_moe_experts):
+                torch.nn.init.orthogonal_(raw[e])
         self.basis_raw = tag_router_parameter(torch.nn.Parameter(raw.to(config.params_dtype)), config)
         self._last_scores = None
         self._init_plugin(plugin)

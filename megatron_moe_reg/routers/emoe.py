@@ -23,7 +23,7 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
-from megatron_moe_reg.routers.base import PluginRouterMixin, tag_router_parameter
+from megatron_moe_reg.routers.base import PluginRouterMixin, own_random_stream, tag_router_parameter
 from megatron_moe_reg.routers.eigenbasis import orthonormal_basis
 
 
@@ -49,10 +49,12 @@ class EMoERouter(PluginRouterMixin, TopKRouter):
         del self.weight  # the shared basis and ownership replace the linear gate
         rank, experts = plugin.moe_eigen_rank, config.num_moe_experts
         raw = torch.empty(config.hidden_size, rank, dtype=torch.float32)
-        torch.nn.init.orthogonal_(raw)
+        with own_random_stream():
+            torch.nn.init.orthogonal_(raw)
+            ownership = torch.randn(experts, rank)
         dtype = config.params_dtype
         self.basis_raw = tag_router_parameter(torch.nn.Parameter(raw.to(dtype)), config)
-        self.ownership = tag_router_parameter(torch.nn.Parameter(torch.randn(experts, rank).to(dtype)), config)
+        self.ownership = tag_router_parameter(torch.nn.Parameter(ownership.to(dtype)), config)
         self.gamma = tag_router_parameter(torch.nn.Parameter(torch.ones(rank, dtype=dtype)), config)
         self.offset = tag_router_parameter(torch.nn.Parameter(torch.zeros(experts, dtype=dtype)), config)
         self._init_plugin(plugin)
