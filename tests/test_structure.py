@@ -33,7 +33,7 @@ TIERS = {
     "megatron_moe_reg.training": 4,
     "megatron_moe_reg.analysis": 4,
     "megatron_moe_reg.integration.megatron_lm": 4,
-    "megatron_moe_reg.study": 4,
+    "megatron_moe_reg.studies": 4,
     "megatron_moe_reg.cli": 5,
     "megatron_moe_reg.pretrain": 5,
 }

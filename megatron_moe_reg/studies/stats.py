@@ -131,7 +131,7 @@ def paired(variant: list[float], baseline: list[float]) -> PairedResult:
 
 def holm(pvalues: dict[str, float]) -> dict[str, float]:
     """Holm-adjusted p-values (step-down, monotone, capped at 1)."""
-    order = sorted(pvalues, key=pvalues.get)  # type: ignore[arg-type]
+    order = sorted(pvalues, key=lambda key: pvalues[key])
     adjusted, running = {}, 0.0
     m = len(order)
     for rank, key in enumerate(order):
