@@ -28,9 +28,9 @@ STEPS=(install pytest grouped_gemm training megatron_lm)
 declare -A BOX=([install]=20 [pytest]=90 [grouped_gemm]=70 [training]=80 [megatron_lm]=40)  # seconds
 # cp312 wheels the GPU machine lacks (it has torch, triton, numpy, sentencepiece, tensorboard,
 # matplotlib, pytest); Megatron-LM's megatron.training also needs six, regex, pydantic, pyyaml, einops
-PURE=(megatron-core==0.19.2 six einops pydantic annotated-types typing-inspection typing-extensions
-      pytest-timeout packaging tqdm)
-BINARY=(regex pyyaml pydantic-core)
+PURE=(megatron-core==0.19.2 six einops pytest-timeout packaging tqdm)
+BINARY=(regex pyyaml)
+WITH_DEPS=(pydantic)  # resolved with its dependencies: pydantic pins its pydantic-core
 MID=(--config examples/gpu_mid.toml --mock-data --vocab-size 32768)
 
 step_command() {  # the command of a step, one string (the dry run parses it)
@@ -64,6 +64,8 @@ prepare() {
   local platform=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platform[@]}" -d "$WHEELS" "${PURE[@]}" "${BINARY[@]}"
+  python -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platform[@]}" -d "$WHEELS" "${WITH_DEPS[@]}"
   ls "$WHEELS"
 }
 
