@@ -41,12 +41,17 @@ def pairwise_cos2_from_gram(gram_TKK: torch.Tensor, eps: float = EPS) -> torch.T
 
     cos²(z^e, z^ν) = G_eν² / (G_ee G_νν); ``G_ee`` are squared norms.
     """
-    g = at_least_fp32(gram_TKK)
-    sq_norm = g.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps)  # [T, K]
-    cos2 = g.pow(2) / (sq_norm.unsqueeze(-1) * sq_norm.unsqueeze(-2))
-    k = g.shape[-1]
-    off_diagonal = 1.0 - torch.eye(k, dtype=cos2.dtype, device=cos2.device)
-    return (cos2 * off_diagonal).sum(dim=(-1, -2))
+    ratio, _, _ = cos2_terms(at_least_fp32(gram_TKK), eps)
+    return ratio.sum(dim=(-1, -2))
+
+
+def cos2_terms(gram_TKK: torch.Tensor, eps: float = EPS):
+    """(G²_eν / (d_e d_ν) off the diagonal and 0 on it, 1/d, the off-diagonal mask) with
+    d = max(G_ee, ε²): the cos² of every pair of a token under the ε-clamped norms."""
+    off = 1.0 - torch.eye(gram_TKK.shape[-1], dtype=gram_TKK.dtype, device=gram_TKK.device)
+    inv_d = 1.0 / gram_TKK.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps)  # [T, K]
+    ratio = gram_TKK.pow(2) * off * inv_d.unsqueeze(-1) * inv_d.unsqueeze(-2)
+    return ratio, inv_d, off
 
 
 def specialization_per_token(z_TKF: torch.Tensor, eps: float = EPS) -> torch.Tensor:

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from megatron_moe_reg.losses.specialization import EPS
+from megatron_moe_reg.losses.specialization import EPS, cos2_terms
 
 
 def _compute_dtype(rows) -> torch.dtype:
@@ -47,15 +47,6 @@ def _assemble(rows, sources: torch.Tensor, dtype, complete: bool) -> torch.Tenso
     parts = list(rows) if complete else [*rows, rows[0].new_zeros(1, rows[0].shape[-1])]
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     return flat.index_select(0, sources).to(dtype)
-
-
-def _cos2_terms(gram: torch.Tensor, eps: float):
-    """Per-token Σ_{e≠ν} G²_eν / (d_e d_ν) with d = max(G_ee, ε²) (= cos² of the ε-clamped norms)."""
-    slots = gram.shape[-1]
-    off = 1.0 - torch.eye(slots, dtype=gram.dtype, device=gram.device)
-    inv_d = 1.0 / gram.diagonal(dim1=1, dim2=2).clamp_min(eps * eps)  # [T, S]
-    ratio = gram.pow(2) * off * inv_d.unsqueeze(2) * inv_d.unsqueeze(1)  # [T, S, S]
-    return ratio, inv_d, off
 
 
 def use_triton(kernel: str, rows) -> bool:
@@ -87,7 +78,7 @@ class RowSpecialization(torch.autograd.Function):
             ctx.save_for_backward(positions, sources, d_gram, *rows)
             return per_token @ weights.to(per_token.dtype)
         gram = z @ z.transpose(1, 2)
-        ratio, inv_d, off = _cos2_terms(gram, eps)
+        ratio, inv_d, off = cos2_terms(gram, eps)
         # ∂/∂G_eν = 2 G_eν / (d_e d_ν) off the diagonal; ∂/∂d_e = -2 Σ_ν ratio_eν / d_e (both orders),
         # 0 where the clamp is active: an S x S matrix per token, kept for backward instead of Z
         d_gram = 2.0 * gram * off * inv_d.unsqueeze(2) * inv_d.unsqueeze(1)

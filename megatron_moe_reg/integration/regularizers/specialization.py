@@ -102,6 +102,12 @@ def _fc1_modules(experts) -> list:
     return _expert_modules(experts, "fc1")
 
 
+def _place(index: torch.Tensor, slot: torch.Tensor, base, stride: int, dropped: int) -> torch.Tensor:
+    """A row's position (base + index) x stride + slot in a buffer of tokens x slots, or ``dropped``
+    where its token is outside the sample (index -1)."""
+    return torch.where(index >= 0, (base + index) * stride + slot, torch.full_like(index, dropped))
+
+
 class SpecializationProbe:
     """R_sp of one MoE layer: capture, return to owners, loss, attachment and logging."""
 
@@ -261,13 +267,8 @@ class SpecializationProbe:
         slot = slot_of(routing.routing_map, token, expert)
         if sample is None:
             return chunks, token * self.slots + slot, mean_weights(keep)
-        index = sample.sample_index[token]
-        dropped = torch.full_like(index, sample.size * self.slots)
-        return (
-            chunks,
-            torch.where(index >= 0, index * self.slots + slot, dropped),
-            self._sample_weights(keep[sample.indices]),
-        )
+        positions = _place(sample.sample_index[token], slot, 0, self.slots, sample.size * self.slots)
+        return chunks, positions, self._sample_weights(keep[sample.indices])
 
     def _sample_weights(self, sampled_keep: torch.Tensor) -> torch.Tensor:
         """w_i = tp · keep_i / (kept sampled tokens of the TP group): with the TP ranks' terms
@@ -312,8 +313,7 @@ class SpecializationProbe:
             token, expert = permuted_pairs(routing.routing_map, dispatcher_source_rows(self.dispatcher))
             slot = slot_of(routing.routing_map, token, expert)
             index = self._token_index(num_tokens, self.tp_rank, token.device)[token]
-            target = torch.where(index >= 0, (self.my_index * block + index) * k + slot, torch.full_like(index, trash))
-            return dispatch_rows(self.dispatcher, target)
+            return dispatch_rows(self.dispatcher, _place(index, slot, self.my_index * block, k, trash))
         with torch.no_grad():  # allgather: the group's routing map, gathered as the dispatch does
             group_map = gather_from_sequence_parallel_region(routing.routing_map, group=self.group)
         local_map = group_map[:, self.local_offset : self.local_offset + self.num_local_experts]
@@ -321,7 +321,7 @@ class SpecializationProbe:
         slot = slot_of(group_map, token, expert + self.local_offset)
         owner, local = token // num_tokens, token % num_tokens
         index = self._group_token_index(num_tokens, token.device)[owner, local]
-        return torch.where(index >= 0, (owner * block + index) * k + slot, torch.full_like(index, trash))
+        return _place(index, slot, owner * block, k, trash)
 
     def _group_token_index(self, num_tokens: int, device) -> torch.Tensor:
         """[group, tokens]: ``_token_index`` of every member of the dispatch group."""
