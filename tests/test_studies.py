@@ -3,6 +3,8 @@ steps) runs end to end with a report of every section; restarted after an interr
 finished run and resumes the interrupted one from its checkpoint."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,6 +48,16 @@ BAD = {
     "one seed": ({"baseline": [], "b": ["--lr", "2e-3"]}, (1,), "at least two seeds"),
     "same as the base": ({"baseline": [], "b": ["--lr", "1e-3"]}, (1, 2), "same run as the baseline"),
     "owned flag": ({"baseline": [], "b": ["--seed", "3"]}, (1, 2), "the study sets it"),
+    "claim on an unknown metric": ({"baseline": [], "b": ["--lr", "2e-3"]}, (1, 2), "unknown metric 'speed'",
+                                   '[[claims]]\nvariant = "b"\nmetric = "speed"\nexpect = "lower"'),
+    "claim on the baseline": ({"baseline": [], "b": ["--lr", "2e-3"]}, (1, 2), "other than the baseline",
+                              '[[claims]]\nvariant = "baseline"\nmetric = "PES"\nexpect = "lower"'),
+    "claim without expect": ({"baseline": [], "b": ["--lr", "2e-3"]}, (1, 2), "needs expect",
+                             '[[claims]]\nvariant = "b"\nmetric = "PES"'),
+    "adapt without a domain": ({"baseline": [], "b": ["--lr", "2e-3"]}, (1, 2), "[adapt] needs domain",
+                               "[adapt]\ntrain-iters = 2"),
+    "adapt on mock data": ({"baseline": [], "b": ["--lr", "2e-3"]}, (1, 2), "not --mock-data",
+                           '[adapt]\ndomain = "email"'),
 }
 
 
@@ -53,17 +65,49 @@ BAD = {
 def test_bad_spec_is_one_line_before_any_run(case, tmp_path, capsys):
     from megatron_moe_reg.cli import main
 
-    variants, seeds, message = BAD[case]
+    variants, seeds, message, *tail = BAD[case]
     spec = _spec(tmp_path / "s.toml", variants, seeds)
+    spec.write_text(spec.read_text() + "\n".join(tail) + "\n")
     assert main(["study", str(spec), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
 
 
+def _valid_domain(manifest: dict) -> str:
+    domains = json.loads(open(manifest["valid_data_path"] + ".domains.json").read())
+    return domains["names"][domains["document_domains"][0]]
+
+
 @pytest.mark.multiprocess
-def test_tiny_study_runs_reports_and_resumes(tmp_path):
-    spec = _spec(tmp_path / "s.toml", {"baseline": [], "R_sp": ["--moe-specialization-loss-coeff", "2e-3"]})
+def test_tiny_study_runs_reports_and_resumes(tmp_path, embedded_dataset):
+    from helpers import child_env, data_flags
+
+    claims = f"""
+[adapt]
+domain = "{_valid_domain(embedded_dataset)}"
+train-iters = 2
+num-tokens = 256
+micro-batch-size = 2
+
+[[claims]]
+variant = "R_sp"
+metric = "co-activation overlap"
+expect = "lower"
+
+[[claims]]
+variant = "R_sp"
+metric = "activation MSO"
+expect = "same"
+
+[[claims]]
+expect = "uncorrelated"
+x = "weight MSO"
+y = "activation MSO"
+"""
+    base = [*(f for f in BASE if f != "--mock-data"), *data_flags(embedded_dataset)]
+    spec = _spec(tmp_path / "s.toml", {"baseline": [], "R_sp": ["--moe-specialization-loss-coeff", "2e-3"]}, base=base)
+    spec.write_text(spec.read_text() + claims)
     out = tmp_path / "out"
     dry = run_cli(["study", str(spec), "--out", str(out), "--dry-run"])
     assert "4 of 4 runs to go" in dry.stdout and not out.exists()
@@ -78,46 +122,73 @@ def test_tiny_study_runs_reports_and_resumes(tmp_path):
         "co-activation overlap",
         "PES",
         "activation MSO",
+        "weight MSO",
         "load CV",
         "dead experts",
         "pathway MI",
+        "expert-domain NMI",
+        "interference (loss)",
+        "interference (accuracy)",
+        "adaptation gain (loss)",
     } <= set(comparison)
     for entry in comparison.values():
         assert {"mean_diff", "ci_low", "ci_high", "p_t", "p_holm", "detectable", "words"} <= set(entry)
+    # every checkpoint (iterations 1 and 2) evaluated on the same tokens: curves with paired differences
+    curves = report["curves"]
+    assert curves["baseline"]["iterations"] == [1, 2] and len(curves["R_sp"]["paired"]) == 2
+    assert len(report["runs"]["weight MSO"]) == 4 and len(report["per_layer"]["R_sp"]["PES"]) == 2
+    verdicts = [c["verdict"] for c in report["claims"]]
+    assert len(verdicts) == 3 and verdicts[2] == "inconclusive"  # 4 runs: the interval cannot be narrow
     text = (out / "report.md").read_text()
-    assert "| validation loss |" in text and "R_sp against baseline" in text and (out / "index.html").is_file()
-    # an interruption: one run lost its finished marker after its last checkpoint
+    assert "| validation loss |" in text and "R_sp against baseline" in text and "## Claims" in text
+    for image in ("curves.png", "per_layer.png", "differences.png"):
+        assert (out / image).stat().st_size > 1000 and image in (out / "index.html").read_text()
+    # the final checkpoint's result, from a process that loaded iteration 1 first, equals a fresh evaluation
+    where = out / "runs" / "R_sp" / "seed1"
+    fresh = tmp_path / "fresh.json"
+    evaluate = [sys.executable, "-m", "megatron_moe_reg.analysis.evaluate", "--load", str(where / "ckpt")]
+    subprocess.run([*evaluate, "--out", str(fresh), "--num-tokens", "64", "--sample-tokens", "16"],
+                   env=child_env(), check=True, timeout=300)
+    final, again = json.loads((where / "eval.json").read_text()), json.loads(fresh.read_text())
+    assert final["iteration"] == again["iteration"] == 2
+    assert final["lm_loss"] == pytest.approx(again["lm_loss"], rel=1e-6)
+    assert final["layers"][0]["pes"] == pytest.approx(again["layers"][0]["pes"], rel=1e-5)
+    # an interruption: one run lost its markers and its last evaluation after its last checkpoint
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/done.json")}
     interrupted = out / "runs" / "R_sp" / "seed2"
-    (interrupted / "done.json").unlink()
+    for name in ("done.json", "trained.json", "eval/iter_0000002.json"):
+        (interrupted / name).unlink()
     run_cli(["study", str(spec), "--out", str(out)], timeout=900)
     for path, mtime in finished.items():
         if path.parent != interrupted:
             assert path.stat().st_mtime_ns == mtime, path  # not redone
     log = (interrupted / "pretrain.log").read_text()
     assert "loaded checkpoint" in log and (interrupted / "done.json").is_file()  # resumed from its own checkpoint
+    assert (interrupted / "eval" / "iter_0000002.json").is_file()
     resumed = [json.loads(line) for line in (interrupted / "log.jsonl").read_text().splitlines() if line.strip()]
     assert len([r for r in resumed if "lm loss" in r]) == 2  # its two steps, none run again after resuming
 
 
-@pytest.mark.parametrize("name", ["specialization", "routers", "orthogonality"])
-def test_example_studies_are_valid_specs(name, monkeypatch, tmp_path):
-    """Every variant's flags parse (the corpus flags swapped for mock data: no dataset here)."""
-    import tomllib
-
+@pytest.mark.parametrize("name", ["specialization", "routers", "orthogonality", "interference"])
+def test_example_studies_are_valid_specs(name, monkeypatch, tmp_path, embedded_dataset):
+    """Each example spec, as written (claims and [adapt] included), with the corpus paths pointed
+    at a small dataset built the same way: every variant's flags parse, every claim names a metric
+    and a variant, the adapt domain is one of the validation data's."""
     from megatron_moe_reg.studies.spec import load_spec
 
     from helpers import ROOT
 
-    raw = tomllib.loads((ROOT / "examples" / "studies" / f"{name}.toml").read_text())
-    base, data = raw["study"]["base"], ("--tokenizer-model", "--train-data-path", "--valid-data-path")
-    base = [v for i, v in enumerate(base) if v not in data and (i == 0 or base[i - 1] not in data)]
-    assert len(base) == len(raw["study"]["base"]) - 6
-    spec = _spec(tmp_path / f"{name}.toml", raw["variants"], raw["study"]["seeds"],
-                 base=[*base, "--mock-data", "--vocab-size", "4096"], extra=f'baseline = "{raw["study"]["baseline"]}"')
+    text = (ROOT / "examples" / "studies" / f"{name}.toml").read_text()
+    for key, path in (("tokenizer.model", "tokenizer_model"), ("train_text_document", "train_data_path"),
+                      ("valid_text_document", "valid_data_path")):
+        assert f"data/stdlib/{key}" in text
+        text = text.replace(f"data/stdlib/{key}", embedded_dataset[path])
+    text = text.replace('domain = "email"', f'domain = "{_valid_domain(embedded_dataset)}"')
+    (tmp_path / f"{name}.toml").write_text(text)
     monkeypatch.chdir(ROOT)  # their paths are the checkout's, as the README runs them
-    loaded = load_spec(spec)
-    assert len(loaded.seeds) >= 3 and loaded.baseline in loaded.variants
+    loaded = load_spec(tmp_path / f"{name}.toml")
+    assert len(loaded.seeds) >= 3 and loaded.baseline in loaded.variants and loaded.claims
+    assert bool(loaded.adapt) == (name == "interference")
 
 
 @pytest.mark.multiprocess

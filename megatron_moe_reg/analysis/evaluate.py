@@ -2,6 +2,10 @@
 
     python -m megatron_moe_reg.analysis.evaluate --load CKPT --out RESULT.json [--data-path P ...]
         [--num-tokens N] [--sample-tokens S] [--micro-batch-size B]
+    python -m megatron_moe_reg.analysis.evaluate --load ROOT --every-iteration --out DIR ...
+
+With ``--every-iteration`` every ``iter_N`` under ROOT is evaluated in turn into ``DIR/iter_N.json``
+(the model is built once; each iteration's weights are loaded into it; existing results are kept).
 
 The model is rebuilt from the run configuration stored in the checkpoint with every parallel
 size set to 1 and loaded through ``dist_checkpointing`` (which reshards any TP/EP/PP layout).
@@ -219,11 +223,50 @@ def evaluate(
         return _measure(ctx, cfg, saved, load, data_path, num_tokens, sample_tokens, micro_batch_size)
 
 
+def saved_iterations(root: str) -> list[int]:
+    """The iterations with a complete checkpoint under ``root`` (``iter_N`` with metadata), ascending."""
+    found = []
+    for path in Path(root).glob("iter_*"):
+        suffix = path.name[len("iter_") :]
+        if suffix.isdigit() and (path / "metadata.json").is_file():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def evaluate_every_iteration(
+    root: str, out: Path, data_path: list[str] | None, num_tokens: int, sample_tokens: int, micro_batch_size: int
+) -> list[Path]:
+    """Evaluate each saved iteration of ``root`` not yet in ``out`` (``out/iter_N.json``) on the same
+    tokens; the model is built once and each iteration's weights loaded into it."""
+    from megatron_moe_reg.training import checkpointing
+
+    iterations = saved_iterations(root)
+    if not iterations:
+        raise ConfigError(f"--load {root}: no saved iteration (iter_N with metadata.json) found")
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in iterations if not (out / f"iter_{i:07d}.json").is_file()]
+    written = []
+    if todo:
+        ctx, cfg, saved = load_single_process(str(checkpointing.iteration_dir(root, todo[0])))
+        for iteration in todo:
+            if iteration != cfg.ckpt.ckpt_step:
+                cfg.ckpt.ckpt_step = iteration
+                checkpointing.load_checkpoint(ctx)
+            where = checkpointing.iteration_dir(root, iteration)
+            with torch.no_grad():
+                result = _measure(ctx, cfg, saved, str(where), data_path, num_tokens, sample_tokens, micro_batch_size)
+            target = out / f"iter_{iteration:07d}.json"
+            tmp = target.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(target)
+            written.append(target)
+    return written
+
+
 def _measure(
     ctx, cfg, saved: dict, load: str, data_path, num_tokens: int, sample_tokens: int, micro_batch_size: int
 ) -> dict:
     from megatron_moe_reg.analysis.tokens import random_tokens, read_tokens
-    from megatron_moe_reg.integration.megatron.expert_weights import local_expert_outputs, local_expert_weights
     from megatron_moe_reg.integration.megatron.modules import moe_layers
 
     model = ctx.gpt_model
@@ -236,6 +279,16 @@ def _measure(
     if not layers:
         raise ConfigError(f"--load {load}: the model has no MoE layers")
     captures = [LayerCapture(layer) for layer in layers]
+    try:
+        return _layer_results(cfg, model, data, layers, captures, load, prefixes, micro_batch_size, sample_tokens)
+    finally:
+        for cap in captures:
+            cap.remove()
+
+
+def _layer_results(cfg, model, data, layers, captures, load, prefixes, micro_batch_size, sample_tokens) -> dict:
+    from megatron_moe_reg.integration.megatron.expert_weights import local_expert_outputs, local_expert_weights
+
     lm = lm_metrics(model, data, micro_batch_size)
     domain = moe_token_order(data.domains, micro_batch_size)
     num_domains = len(data.domain_names)
@@ -308,9 +361,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-tokens", type=int, default=8192)
     p.add_argument("--sample-tokens", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--every-iteration", action="store_true", help="every iter_N under --load into --out DIR")
     a = p.parse_args(argv)
-    result = evaluate(a.load, a.data_path, a.num_tokens, a.sample_tokens, a.micro_batch_size)
-    Path(a.out).write_text(json.dumps(result))
+    if a.every_iteration:
+        evaluate_every_iteration(a.load, Path(a.out), a.data_path, a.num_tokens, a.sample_tokens, a.micro_batch_size)
+    else:
+        result = evaluate(a.load, a.data_path, a.num_tokens, a.sample_tokens, a.micro_batch_size)
+        Path(a.out).write_text(json.dumps(result))
     teardown()
     return 0
 

@@ -1,9 +1,10 @@
 """The study report: per variant mean ± std over seeds, and against the baseline the paired
-difference per metric (``studies.stats``), Holm-corrected across the study's metrics; written as
-``report.json``, ``report.md`` and ``index.html``.
+difference per metric (``studies.stats``), Holm-corrected across the study's metrics; validation
+curves over every saved checkpoint (fixed tokens, mean ± std over seeds, paired difference per
+checkpoint); per-layer metrics; verdicts on the spec's claims (``studies.claims``); plots
+(``studies.plots``). Written as ``report.json``, ``report.md`` and ``index.html``.
 
-Metrics come from each run's evaluation on the study's fixed held-out tokens (``eval.json`` of its
-final checkpoint), averaged over the MoE layers where they are per layer.
+Only seeds finished in every variant enter, so every comparison is paired.
 """
 
 from __future__ import annotations
@@ -14,88 +15,107 @@ import math
 import statistics
 from pathlib import Path
 
-from megatron_moe_reg.studies.runner import run_dir
+from megatron_moe_reg.studies.claims import verdict
+from megatron_moe_reg.studies.metrics import METRICS, PER_LAYER, read
+from megatron_moe_reg.studies.runner import complete, run_dir
 from megatron_moe_reg.studies.spec import StudySpec
 from megatron_moe_reg.studies.stats import holm, in_words, paired
 
-# metric -> (how to read it from eval.json, lower is better / higher is better / None: no direction)
-METRICS = {
-    "validation loss": (lambda e: e["lm_loss"], True),
-    "perplexity": (lambda e: e["perplexity"], True),
-    "routing entropy": (lambda e: _layer_mean(e, "routing_entropy"), None),
-    "co-activation overlap": (lambda e: _layer_mean(e, "coactivation_overlap"), None),
-    "PES": (lambda e: _layer_mean(e, "pes"), None),
-    "activation MSO": (lambda e: _layer_mean(e, "activation_mso"), None),
-    "load CV": (lambda e: _layer_mean(e, None, _load_cv), None),
-    "dead experts": (lambda e: _layer_mean(e, None, lambda layer: sum(s == 0 for s in layer["load_share"])), None),
-    "pathway MI": (
-        lambda e: statistics.fmean(t["mutual_information"] for t in e["transitions"]) if e["transitions"] else math.nan,
-        None,
-    ),
-    "expert-domain NMI": (lambda e: _layer_mean(e, "expert_domain_nmi"), None),
-}
+
+def _result(where: Path) -> dict:
+    result = json.loads((where / "eval.json").read_text())
+    adapt = where / "adapt" / "adapt.json"
+    if adapt.is_file():
+        result["adapt"] = json.loads(adapt.read_text())
+    return result
 
 
-def _load_cv(layer: dict) -> float:
-    share = layer["load_share"]
-    mean = statistics.fmean(share)
-    return statistics.pstdev(share) / mean if mean else math.nan
+def finished_seeds(spec: StudySpec, out: Path) -> list[int]:
+    return [s for s in spec.seeds if all(complete(spec, out, v, s) for v in spec.variants)]
 
 
-def _layer_mean(evaluation: dict, key: str | None, fn=None) -> float:
-    values = [fn(layer) if fn else layer.get(key) for layer in evaluation["layers"]]
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.fmean(values) if values else math.nan
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def collect(spec: StudySpec, out: Path) -> dict[str, dict[str, list[float]]]:
-    """variant -> metric -> per-seed values (seed order of the spec); only fully finished seeds."""
-    seeds = [s for s in spec.seeds if all((run_dir(out, v, s) / "eval.json").is_file() for v in spec.variants)]
-    values: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METRICS} for v in spec.variants}
+def _curves(spec: StudySpec, out: Path, seeds: list[int]) -> dict:
+    """variant -> {iterations, values [iteration][seed], mean, std}; iterations every run saved."""
+    losses: dict[str, dict[int, list[float]]] = {}
     for variant in spec.variants:
+        per_seed = []
         for seed in seeds:
-            evaluation = json.loads((run_dir(out, variant, seed) / "eval.json").read_text())
-            for metric, (read, _) in METRICS.items():
-                values[variant][metric].append(float(read(evaluation)))
-    return values
+            files = sorted((run_dir(out, variant, seed) / "eval").glob("iter_*.json"))
+            per_seed.append({int(f.stem[5:]): json.loads(f.read_text())["lm_loss"] for f in files})
+        common = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+        losses[variant] = {i: [p[i] for p in per_seed] for i in common}
+    shared = sorted(set.intersection(*(set(v) for v in losses.values()))) if losses else []
+    curves = {}
+    for variant, by_iteration in losses.items():
+        rows = [by_iteration[i] for i in shared]
+        curves[variant] = {
+            "iterations": shared,
+            "values": rows,
+            "mean": [_mean_std(r)["mean"] for r in rows],
+            "std": [_mean_std(r)["std"] for r in rows],
+        }
+        if variant != spec.baseline and len(seeds) > 1:
+            base = [losses[spec.baseline][i] for i in shared]
+            curves[variant]["paired"] = [paired(a, b).as_dict() for a, b in zip(rows, base, strict=True)]
+    return curves
+
+
+def _per_layer(results: dict[str, list[dict]]) -> dict:
+    """variant -> metric -> [mean over seeds, per MoE layer]."""
+    out: dict = {}
+    for variant, runs in results.items():
+        out[variant] = {}
+        for metric, key in PER_LAYER.items():
+            per_run = [[layer.get(key) for layer in r["layers"]] for r in runs]
+            if per_run and all(v is not None for row in per_run for v in row):
+                out[variant][metric] = [statistics.fmean(col) for col in zip(*per_run, strict=True)]
+    return out
 
 
 def build_report(spec: StudySpec, out: Path) -> dict:
-    values = collect(spec, out)
-    base = values[spec.baseline]
-    n = len(base["validation loss"])
+    seeds = finished_seeds(spec, out)
+    results = {v: [_result(run_dir(out, v, s)) for s in seeds] for v in spec.variants}
+    values = {v: {m: [read(m, r) for r in runs] for m in METRICS} for v, runs in results.items()}
+    usable = [m for m in METRICS if all(not any(math.isnan(x) for x in values[v][m]) for v in spec.variants)]
     report: dict = {
         "study": spec.name,
-        "seeds": n,
+        "seeds": len(seeds),
+        "seed_list": seeds,
         "baseline": spec.baseline,
         "eval_tokens": spec.eval_tokens,
-        "variants": {},
+        "variants": {v: {m: {**_mean_std(values[v][m]), "values": values[v][m]} for m in usable} for v in values}
+        if seeds
+        else {},
         "comparisons": {},
+        "runs": {m: [x for v in spec.variants for x in values[v][m]] for m in usable},
+        "curves": _curves(spec, out, seeds),
+        "per_layer": _per_layer(results),
+        "claims": [],
     }
-    for variant, metrics in values.items():
-        report["variants"][variant] = {
-            m: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
-            for m, v in metrics.items()
-            if v and not any(math.isnan(x) for x in v)
-        }
-    if n < 2:
-        report["note"] = f"{n} seed(s) finished in every variant; a paired test needs two"
+    if len(seeds) < 2:
+        report["note"] = f"{len(seeds)} seed(s) finished in every variant; a paired test needs two"
         return report
-    for variant, metrics in values.items():
+    base = values[spec.baseline]
+    for variant in spec.variants:
         if variant == spec.baseline:
             continue
-        results = {m: paired(v, base[m]) for m, v in metrics.items() if not any(math.isnan(x) for x in v + base[m])}
-        adjusted = holm({m: r.p_t for m, r in results.items()})
+        results_v = {m: paired(values[variant][m], base[m]) for m in usable}
+        adjusted = holm({m: r.p_t for m, r in results_v.items()})
         report["comparisons"][variant] = {
             m: {**r.as_dict(), "p_holm": adjusted[m], "words": in_words(m, r, adjusted[m], METRICS[m][1])}
-            for m, r in results.items()
+            for m, r in results_v.items()
         }
+    report["claims"] = [verdict(c, report) for c in spec.claims]
     return report
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, images: tuple[str, ...] = ()) -> str:
     variants = list(report["variants"])
-    metrics = [m for m in METRICS if all(m in report["variants"][v] for v in variants)]
+    metrics = [m for m in METRICS if variants and all(m in report["variants"][v] for v in variants)]
     lines = [
         f"# Study {report['study']}: {report['seeds']} seeds, baseline {report['baseline']}, "
         f"{report['eval_tokens']} held-out tokens",
@@ -106,25 +126,50 @@ def markdown(report: dict) -> str:
     for m in metrics:
         cells = [f"{report['variants'][v][m]['mean']:.4g} ± {report['variants'][v][m]['std']:.2g}" for v in variants]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report["claims"]:
+        lines += ["", "## Claims", "", "| claim | source | verdict | evidence |", "|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['source']} | {c['verdict']} | {c['evidence']} |" for c in report["claims"]]
+    curves = report["curves"]
+    iterations = next(iter(curves.values()))["iterations"] if curves else []
+    if iterations:
+        lines += ["", "## Validation loss on the fixed tokens, per checkpoint (mean ± std over seeds)", ""]
+        lines += ["| variant | " + " | ".join(f"iter {i}" for i in iterations) + " |"]
+        lines += ["|---|" + "---|" * len(iterations)]
+        for v, c in curves.items():
+            cells = [f"{m:.4f} ± {s:.3f}" for m, s in zip(c["mean"], c["std"], strict=True)]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     for variant, comparison in report["comparisons"].items():
         lines += ["", f"## {variant} against {report['baseline']} (paired over seeds)", ""]
         lines += [f"- {c['words']}" for c in comparison.values()]
     if "note" in report:
         lines += ["", report["note"]]
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     return "\n".join(lines) + "\n"
 
 
+def _html(title: str, text: str) -> str:
+    body = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line.startswith("!["):
+            name = line[line.index("(") + 1 : -1]
+            body.append(f'<img src="{html.escape(name)}" style="max-width:100%">')
+        elif line.startswith("|"):
+            body.append(f"<pre>{html.escape(line)}</pre>")
+        else:
+            body.append(f"<p>{html.escape(line)}</p>")
+    return f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><body>{''.join(body)}</body>"
+
+
 def write_report(spec: StudySpec, out: Path) -> dict:
+    from megatron_moe_reg.studies.plots import write_plots
+
     report = build_report(spec, out)
+    images = write_plots(report, out) if report["seeds"] else []
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    text = markdown(report)
+    text = markdown(report, tuple(images))
     (out / "report.md").write_text(text)
-    body = "".join(
-        f"<p>{html.escape(line)}</p>" if not line.startswith("|") else f"<pre>{html.escape(line)}</pre>"
-        for line in text.splitlines()
-        if line
-    )
-    (out / "index.html").write_text(
-        f"<!doctype html><meta charset=utf-8><title>{html.escape(spec.name)}</title><body>{body}</body>"
-    )
+    (out / "index.html").write_text(_html(spec.name, text))
     return report

@@ -1,9 +1,13 @@
 """Running a study: every (variant, seed) a real ``moe-reg pretrain`` in its own directory, then
-its final checkpoint evaluated on the study's fixed held-out tokens (``analysis.evaluate``).
+every checkpoint it saved (intermediate and final) evaluated on the study's fixed held-out tokens
+(``analysis.evaluate --every-iteration`` into ``eval/iter_N.json``; the final one is also ``eval.json``).
 
-Restartable: a run with ``done.json`` is skipped; an interrupted one resumes from its last
-checkpoint (``--load`` of its own ``ckpt``). ``--parallel N`` runs N at a time with the cores
-split between them (``OMP_NUM_THREADS``).
+With an ``[adapt]`` table, each run's final checkpoint then goes through ``moe-reg adapt`` (SR-MoE's
+interference test) into ``adapt/adapt.json``, with the run's seed.
+
+Restartable: a run trained, evaluated (and adapted) is skipped; an interrupted training resumes from
+its last checkpoint (``--load`` of its own ``ckpt``); checkpoints not yet evaluated are evaluated.
+``--parallel N`` runs N at a time with the cores split between them (``OMP_NUM_THREADS``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from megatron_moe_reg.errors import RunStopped
 from megatron_moe_reg.studies.spec import StudySpec, parse_variant
 from megatron_moe_reg.training.input_checks import TRACKER_FILE
 
-TOKENS_PER_SECOND_HINT = 2800  # examples/tiny_cpu.toml on 2 CPU cores (README), for dry-run estimates
+# dry-run estimates before any run finished: examples/tiny_cpu.toml's training throughput on 2 CPU cores
+# (log steps included) and a run's start-up plus the evaluation of three checkpoints
+TOKENS_PER_SECOND_HINT = 1400
+RUN_OVERHEAD_SECONDS_HINT = 35
 _LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -61,8 +68,9 @@ def _eval_cmd(spec: StudySpec, where: Path) -> list[str]:
         "megatron_moe_reg.analysis.evaluate",
         "--load",
         str(where / "ckpt"),
+        "--every-iteration",
         "--out",
-        str(where / "eval.json"),
+        str(where / "eval"),
         "--num-tokens",
         str(spec.eval_tokens),
         "--sample-tokens",
@@ -93,50 +101,92 @@ class Progress:
         sys.stdout.flush()
 
 
+def _trained(where: Path) -> bool:
+    return (where / "trained.json").is_file() or (where / "done.json").is_file()
+
+
+def _unevaluated(where: Path) -> list[int]:
+    from megatron_moe_reg.analysis.evaluate import saved_iterations
+
+    return [i for i in saved_iterations(str(where / "ckpt")) if not (where / "eval" / f"iter_{i:07d}.json").is_file()]
+
+
+def _adapt_cmd(spec: StudySpec, seed: int, where: Path) -> list[str]:
+    options = [item for key, value in spec.adapt.items() for item in (f"--{key}", value)]
+    cmd = [sys.executable, "-m", "megatron_moe_reg.cli", "adapt", "--load", str(where / "ckpt")]
+    return [*cmd, "--out", str(where / "adapt"), "--seed", str(seed), *options]
+
+
+def _adapted(spec: StudySpec, where: Path) -> bool:
+    return not spec.adapt or (where / "adapt" / "adapt.json").is_file()
+
+
+def complete(spec: StudySpec, out: Path, variant: str, seed: int) -> bool:
+    """Trained, every checkpoint it saved evaluated, and adapted when the study adapts."""
+    where = run_dir(out, variant, seed)
+    done = (where / "done.json").is_file() and (where / "eval").is_dir()
+    return done and not _unevaluated(where) and _adapted(spec, where)
+
+
+def _stage(cmd: list[str], where: Path, log_name: str, name: str, threads: int, progress: Progress) -> float:
+    started = time.time()
+    with open(where / log_name, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
+        while proc.poll() is None:
+            time.sleep(2)
+            if sys.stdout.isatty():
+                progress.show()
+    if proc.returncode != 0:
+        tail = (where / log_name).read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RunStopped(f"study run {name} failed (exit {proc.returncode}): {tail[0]}; see {where / log_name}")
+    return time.time() - started
+
+
 def _run_one(spec, variant, seed, out, threads, progress: Progress) -> None:
+    """Pretrain (unless trained), evaluate the checkpoints not yet evaluated, mark done."""
     where = run_dir(out, variant, seed)
     where.mkdir(parents=True, exist_ok=True)
     name = f"{variant}/seed{seed}"
-    started = time.time()
+    done = where / "done.json"
+    seconds = json.loads(done.read_text())["seconds"] if done.is_file() else 0.0
     with progress.lock:
         progress.running[name] = where
     try:
-        for cmd, log_name in (
-            (_pretrain_cmd(spec, variant, seed, where), "pretrain.log"),
-            (_eval_cmd(spec, where), "eval.log"),
-        ):
-            with open(where / log_name, "a") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
-                while proc.poll() is None:
-                    time.sleep(2)
-                    if sys.stdout.isatty():
-                        progress.show()
-            if proc.returncode != 0:
-                tail = (where / log_name).read_text().strip().splitlines()[-1:] or ["(no output)"]
-                raise RunStopped(f"study run {name} failed (exit {proc.returncode}): {tail[0]}; see {where / log_name}")
-        (where / "done.json").write_text(json.dumps({"seconds": time.time() - started}))
+        if not _trained(where):
+            seconds += _stage(_pretrain_cmd(spec, variant, seed, where), where, "pretrain.log", name, threads, progress)
+            (where / "trained.json").write_text(json.dumps({"seconds": seconds}))
+        if _unevaluated(where):
+            seconds += _stage(_eval_cmd(spec, where), where, "eval.log", name, threads, progress)
+        if not _adapted(spec, where):
+            seconds += _stage(_adapt_cmd(spec, seed, where), where, "adapt.log", name, threads, progress)
+        final = max((where / "eval").glob("iter_*.json"))
+        (where / "eval.json").write_text(final.read_text())
+        done.write_text(json.dumps({"seconds": seconds}))
     finally:
         with progress.lock:
             progress.running.pop(name, None)
-            progress.done += (where / "done.json").is_file()
+            progress.done += complete(spec, out, variant, seed)
         progress.show()
 
 
 def estimate_seconds(spec: StudySpec, out: Path) -> tuple[float, str]:
     """Wall time of the runs not done yet: from the study's finished runs, else a throughput hint."""
-    todo = [r for r in spec.runs() if not (run_dir(out, *r) / "done.json").is_file()]
+    todo = [r for r in spec.runs() if not complete(spec, out, *r)]
     measured = [json.loads(p.read_text())["seconds"] for p in out.glob("runs/*/*/done.json")]
     if measured:
         return len(todo) * sum(measured) / len(measured), f"from {len(measured)} finished run(s)"
     cfg = parse_variant(spec, spec.baseline)
     tokens = cfg.train.train_iters * cfg.global_batch_size * cfg.model.seq_length
-    hint = f"at {TOKENS_PER_SECOND_HINT} tokens/s (examples/tiny_cpu.toml on 2 CPU cores; larger models are slower)"
-    return len(todo) * tokens / TOKENS_PER_SECOND_HINT, hint
+    hint = (
+        f"at {TOKENS_PER_SECOND_HINT} tokens/s and {RUN_OVERHEAD_SECONDS_HINT} s per run to start and evaluate "
+        "(examples/tiny_cpu.toml on 2 CPU cores; larger models are slower)"
+    )
+    return len(todo) * (tokens / TOKENS_PER_SECOND_HINT + RUN_OVERHEAD_SECONDS_HINT), hint
 
 
 def run_study(spec: StudySpec, out: Path, parallel: int = 1, dry_run: bool = False) -> None:
     runs = spec.runs()
-    todo = [r for r in runs if not (run_dir(out, *r) / "done.json").is_file()]
+    todo = [r for r in runs if not complete(spec, out, *r)]
     if dry_run:
         for variant, seed in runs:
             state = "done" if (variant, seed) not in todo else "to run"

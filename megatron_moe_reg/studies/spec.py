@@ -11,6 +11,15 @@
     baseline = []
     R_sp = ["--moe-specialization-loss-coeff", "2e-3"]
 
+    [adapt]                         # optional: SR-MoE's interference test on every final checkpoint
+    domain = "email"                # moe-reg adapt --domain; also train-iters, lr, experts-per-layer,
+                                    # num-tokens, micro-batch-size
+    [[claims]]                      # optional, any number (studies.claims): a verdict each
+    variant = "R_sp"
+    metric = "routing entropy"
+    expect = "lower"                # lower | higher | same (margin) | uncorrelated (x, y, max-r)
+    source = "arXiv 2602.14159"
+
 Every (variant, seed) is ``moe-reg pretrain BASE VARIANT --seed S`` in its own directory; the study
 owns ``--seed``, ``--save`` and ``--log-file``. The spec is checked whole before any run starts:
 each variant's flags must parse, the baseline must exist, a paired test needs two seeds or more,
@@ -27,8 +36,12 @@ from pathlib import Path
 
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import tomllib
+from megatron_moe_reg.studies.claims import EXPECT, Claim
+from megatron_moe_reg.studies.metrics import METRICS
 
 OWNED = ("--seed", "--save", "--load", "--log-file", "--tensorboard-dir")
+ADAPT_KEYS = ("domain", "train-iters", "lr", "experts-per-layer", "num-tokens", "micro-batch-size")
+CLAIM_KEYS = {"expect", "metric", "variant", "margin", "x", "y", "max-r", "source"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,8 @@ class StudySpec:
     eval_tokens: int = 8192
     metrics_tokens: int = 256
     name: str = field(default="study")
+    adapt: dict[str, str] = field(default_factory=dict)  # moe-reg adapt options (key without --)
+    claims: list[Claim] = field(default_factory=list)
 
     def flags(self, variant: str, seed: int) -> list[str]:
         return [*self.base, *self.variants[variant], "--seed", str(seed)]
@@ -66,7 +81,7 @@ def load_spec(path: str | Path, world_size: int = 1) -> StudySpec:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"study spec {path}: not valid TOML ({e})") from None
     study, variants = raw.get("study", {}), raw.get("variants", {})
-    unknown = set(raw) - {"study", "variants"} or set(study) - {
+    unknown = set(raw) - {"study", "variants", "adapt", "claims"} or set(study) - {
         "base",
         "seeds",
         "baseline",
@@ -94,9 +109,48 @@ def load_spec(path: str | Path, world_size: int = 1) -> StudySpec:
         eval_tokens=int(study.get("eval-tokens", 8192)),
         metrics_tokens=int(study.get("metrics-tokens", 256)),
         name=str(study.get("name", path.stem)),
+        adapt=_adapt_options(raw.get("adapt"), path),
+        claims=[_claim(c, path) for c in raw.get("claims", [])],
     )
     _check(spec, world_size)
     return spec
+
+
+def _adapt_options(table, path: Path) -> dict[str, str]:
+    if table is None:
+        return {}
+    unknown = set(table) - set(ADAPT_KEYS)
+    if unknown or "domain" not in table:
+        raise ConfigError(
+            f"study spec {path}: [adapt] needs domain and takes only {', '.join(ADAPT_KEYS)}"
+            + (f" (unknown: {sorted(unknown)})" if unknown else "")
+        )
+    return {k: str(v) for k, v in table.items()}
+
+
+def _claim(table, path: Path) -> Claim:
+    if not isinstance(table, dict) or set(table) - CLAIM_KEYS or table.get("expect") not in EXPECT:
+        raise ConfigError(
+            f"study spec {path}: a [[claims]] entry needs expect = one of {', '.join(EXPECT)} and takes only "
+            f"{', '.join(sorted(CLAIM_KEYS))}; got {table}"
+        )
+    claim = Claim(
+        expect=table["expect"],
+        metric=str(table.get("metric", "")),
+        variant=str(table.get("variant", "")),
+        margin=float(table.get("margin", 0.1)),
+        x=str(table.get("x", "")),
+        y=str(table.get("y", "")),
+        max_r=float(table.get("max-r", 0.5)),
+        source=str(table.get("source", "")),
+    )
+    names = [claim.x, claim.y] if claim.expect == "uncorrelated" else [claim.metric]
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError(
+                f"study spec {path}: claim {claim.title()!r}: unknown metric {name!r}; one of {list(METRICS)}"
+            )
+    return claim
 
 
 def parse_variant(spec: StudySpec, name: str, world_size: int = 1):
@@ -121,14 +175,48 @@ def _check(spec: StudySpec, world_size: int) -> None:
         raise ConfigError(f"study spec {spec.path}: no baseline variant {spec.baseline!r} in [variants]")
     if len(spec.variants) < 2:
         raise ConfigError(f"study spec {spec.path}: a study compares at least two variants")
+    for claim in spec.claims:
+        if claim.expect != "uncorrelated" and (claim.variant not in spec.variants or claim.variant == spec.baseline):
+            raise ConfigError(
+                f"study spec {spec.path}: claim {claim.title()!r}: variant must name a variant other than the baseline"
+            )
     for name, flags in [("base", spec.base), *spec.variants.items()]:
         owned = [f for f in flags if f.split("=")[0] in OWNED]
         if owned:
             raise ConfigError(f"study spec {spec.path}: {name} sets {owned[0]}; the study sets it for each run")
     configs = {name: dataclasses.asdict(parse_variant(spec, name, world_size)) for name in spec.variants}
+    if spec.adapt:
+        _check_domain(spec, configs[spec.baseline]["data"])
     for name, config in configs.items():
         if name != spec.baseline and config == configs[spec.baseline]:
             raise ConfigError(
                 f"study spec {spec.path}: variant {name!r} configures the same run as the baseline; "
                 "give it flags that differ"
             )
+
+
+def _check_domain(spec: StudySpec, data: dict) -> None:
+    """The adapt domain must be among the domains of the data adapt reads (the runs' validation data)."""
+    import json
+
+    prefixes = [p for p in (data.get("valid_data_path") or data.get("data_path") or []) if not _is_number(p)]
+    if not prefixes:
+        raise ConfigError(f"study spec {spec.path}: [adapt] needs runs trained on data with domains (not --mock-data)")
+    names: set[str] = set()
+    for prefix in prefixes:
+        domains = Path(prefix + ".domains.json")
+        if domains.is_file():
+            names |= set(json.loads(domains.read_text())["names"])
+    if names and spec.adapt["domain"] not in names:
+        raise ConfigError(
+            f"study spec {spec.path}: [adapt] domain {spec.adapt['domain']!r} is not in the validation data "
+            f"({', '.join(sorted(names)[:12])}{' ...' if len(names) > 12 else ''})"
+        )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,77 @@
+"""The metrics a study compares, read from one run's results: its evaluation on the study's fixed
+tokens (``eval.json``, per MoE layer averaged over the layers) and, when the study adapts, the
+interference test (``adapt.json`` under the key ``"adapt"``).
+
+Each metric: (reader, direction) with direction True when lower is better, False when higher is
+better and None when the metric has no better side (a property the claims speak about).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def _load_cv(layer: dict) -> float:
+    share = layer["load_share"]
+    mean = statistics.fmean(share)
+    return statistics.pstdev(share) / mean if mean else math.nan
+
+
+def _dead(layer: dict) -> float:
+    return float(sum(s == 0 for s in layer["load_share"]))
+
+
+def _layer_mean(result: dict, key: str | None, fn=None) -> float:
+    values = [fn(layer) if fn else layer.get(key) for layer in result["layers"]]
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _pathway_mi(result: dict) -> float:
+    transitions = result["transitions"]
+    return statistics.fmean(t["mutual_information"] for t in transitions) if transitions else math.nan
+
+
+def _adapt(*keys: str):
+    def read(result: dict) -> float:
+        value = result.get("adapt")
+        for key in keys:
+            if value is None:
+                return math.nan
+            value = value[key]
+        return math.nan if value is None else float(value)
+
+    return read
+
+
+METRICS = {
+    "validation loss": (lambda r: r["lm_loss"], True),
+    "perplexity": (lambda r: r["perplexity"], True),
+    "routing entropy": (lambda r: _layer_mean(r, "routing_entropy"), None),
+    "co-activation overlap": (lambda r: _layer_mean(r, "coactivation_overlap"), None),
+    "PES": (lambda r: _layer_mean(r, "pes"), None),
+    "activation MSO": (lambda r: _layer_mean(r, "activation_mso"), None),
+    "weight MSO": (lambda r: _layer_mean(r, "weight_mso_fc1"), None),
+    "load CV": (lambda r: _layer_mean(r, None, _load_cv), None),
+    "dead experts": (lambda r: _layer_mean(r, None, _dead), True),
+    "pathway MI": (_pathway_mi, None),
+    "expert-domain NMI": (lambda r: _layer_mean(r, "expert_domain_nmi"), None),
+    # SR-MoE's interference test (moe-reg adapt): loss rise / accuracy drop on the other domains
+    "interference (loss)": (_adapt("interference", "lm_loss"), True),
+    "interference (accuracy)": (_adapt("interference", "token_accuracy"), False),
+    "adaptation gain (loss)": (_adapt("gain", "lm_loss"), False),
+}
+
+# per-layer values plotted by layer (eval.json keys)
+PER_LAYER = {
+    "routing entropy": "routing_entropy",
+    "co-activation overlap": "coactivation_overlap",
+    "PES": "pes",
+    "activation MSO": "activation_mso",
+    "weight MSO": "weight_mso_fc1",
+}
+
+
+def read(metric: str, result: dict) -> float:
+    return float(METRICS[metric][0](result))
