@@ -24,7 +24,7 @@ python -m pip install -q -e ".[test]"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 echo "== megatron-core $(python -c 'from megatron.core import package_info as p; print(p.__version__)')"
-python -m pytest tests -q "$@"
+python -m pytest tests -q --durations=30 "$@"
 
 COMPAT=${MOE_REG_COMPAT:-0.19.2}
 if [[ "$COMPAT" != none ]]; then
@@ -37,5 +37,5 @@ if [[ "$COMPAT" != none ]]; then
     exit 0
   fi
   echo "== megatron-core $COMPAT ($COMPAT_PATH)"
-  PYTHONPATH="$COMPAT_PATH${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests -q -p no:cacheprovider -m compat "$@"
+  PYTHONPATH="$COMPAT_PATH${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests -q -p no:cacheprovider -m compat --durations=15 "$@"
 fi

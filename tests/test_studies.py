@@ -167,6 +167,10 @@ y = "activation MSO"
     assert (interrupted / "eval" / "iter_0000002.json").is_file()
     resumed = [json.loads(line) for line in (interrupted / "log.jsonl").read_text().splitlines() if line.strip()]
     assert len([r for r in resumed if "lm loss" in r]) == 2  # its two steps, none run again after resuming
+    # resumed with a changed base: the finished runs would mix two configurations
+    spec.write_text(spec.read_text().replace('"--train-iters", "2"', '"--train-iters", "3"'))
+    changed = run_cli(["study", str(spec), "--out", str(out)], check=False)
+    assert changed.returncode == 2 and "started with another base" in changed.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("name", ["specialization", "routers", "orthogonality", "interference"])

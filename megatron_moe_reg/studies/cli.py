@@ -10,7 +10,7 @@ from megatron_moe_reg.flags import OneLineErrorParser
 
 def main(argv: list[str]) -> int:
     from megatron_moe_reg.studies.report import write_report
-    from megatron_moe_reg.studies.runner import run_study
+    from megatron_moe_reg.studies.runner import check_pinned, run_study
     from megatron_moe_reg.studies.spec import load_spec
 
     p = OneLineErrorParser(prog="moe-reg study", description="Paired-seed study of variants of a run.")
@@ -24,7 +24,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--parallel must be >= 1, got {a.parallel}")
     spec = load_spec(a.spec)
     out = Path(a.out or f"runs/study-{spec.name}")
-    if not a.report_only:
+    if a.report_only:
+        check_pinned(spec, out)
+    else:
         run_study(spec, out, parallel=a.parallel, dry_run=a.dry_run)
     if a.dry_run:
         return 0

@@ -16,6 +16,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def _curves(plt, report: dict, path: Path) -> bool:
     curves = report["curves"]
     if not curves or not next(iter(curves.values()))["iterations"]:
@@ -30,10 +37,7 @@ def _curves(plt, report: dict, path: Path) -> bool:
     ax.set_ylabel("validation loss (fixed tokens)")
     ax.set_title(f"{report['study']}: mean ± std over {report['seeds']} seeds", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _per_layer(plt, report: dict, path: Path) -> bool:
@@ -49,10 +53,7 @@ def _per_layer(plt, report: dict, path: Path) -> bool:
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("MoE layer")
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _differences(plt, report: dict, path: Path) -> bool:
@@ -80,13 +81,12 @@ def _differences(plt, report: dict, path: Path) -> bool:
         ax.set_yticks(range(len(variants)), variants, fontsize=7)
         ax.set_title(f"{metric} − {report['baseline']}", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
+        ax.locator_params(axis="x", nbins=4)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
     for ax in flat[len(metrics) :]:
         ax.axis("off")
     fig.suptitle("paired difference, 95 % CI (red: Holm p < 0.05)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def write_plots(report: dict, out: Path) -> list[str]:

@@ -21,13 +21,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from megatron_moe_reg.errors import RunStopped
+from megatron_moe_reg.errors import ConfigError, RunStopped
 from megatron_moe_reg.studies.spec import StudySpec, parse_variant
 from megatron_moe_reg.training.input_checks import TRACKER_FILE
 
 # dry-run estimates before any run finished: examples/tiny_cpu.toml's training throughput on 2 CPU cores
 # (log steps included) and a run's start-up plus the evaluation of three checkpoints
-TOKENS_PER_SECOND_HINT = 1400
+TOKENS_PER_SECOND_HINT = 1150
 RUN_OVERHEAD_SECONDS_HINT = 35
 _LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -184,7 +184,46 @@ def estimate_seconds(spec: StudySpec, out: Path) -> tuple[float, str]:
     return len(todo) * (tokens / TOKENS_PER_SECOND_HINT + RUN_OVERHEAD_SECONDS_HINT), hint
 
 
+def pinned(spec: StudySpec) -> dict:
+    """What a study's finished runs depend on; seeds and variants may be added later."""
+    return {
+        "base": spec.base,
+        "variants": spec.variants,
+        "adapt": spec.adapt,
+        "eval_tokens": spec.eval_tokens,
+        "metrics_tokens": spec.metrics_tokens,
+    }
+
+
+def check_pinned(spec: StudySpec, out: Path) -> None:
+    """A study directory keeps the spec it was started with (``study.json``); resuming it with a spec
+    that changes the base, a variant's flags, the adapt options or the evaluation tokens would mix
+    runs of two configurations: a one-line error. Added seeds and variants are fine."""
+    path = out / "study.json"
+    if not path.is_file():
+        return
+    before, now = json.loads(path.read_text()), pinned(spec)
+    names = {"base": "base", "adapt": "[adapt]", "eval_tokens": "eval-tokens", "metrics_tokens": "metrics-tokens"}
+    changed = [names[k] for k in names if before.get(k) != now[k]]
+    changed += [f"variant {v!r}" for v, flags in before["variants"].items() if now["variants"].get(v, flags) != flags]
+    if changed:
+        raise ConfigError(
+            f"--out {out}: the study there was started with another {', '.join(changed)} ({path}); "
+            "restore the spec or give a new --out"
+        )
+
+
+def _pin(spec: StudySpec, out: Path) -> None:
+    path = out / "study.json"
+    state = pinned(spec)
+    if path.is_file():  # keep variants no longer in the spec: their runs are still there
+        state["variants"] = {**json.loads(path.read_text())["variants"], **state["variants"]}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=1))
+
+
 def run_study(spec: StudySpec, out: Path, parallel: int = 1, dry_run: bool = False) -> None:
+    check_pinned(spec, out)
     runs = spec.runs()
     todo = [r for r in runs if not complete(spec, out, *r)]
     if dry_run:
@@ -194,6 +233,7 @@ def run_study(spec: StudySpec, out: Path, parallel: int = 1, dry_run: bool = Fal
         seconds, how = estimate_seconds(spec, out)
         print(f"study: {len(todo)} of {len(runs)} runs to go, about {seconds / 60:.0f} min with --parallel 1 ({how})")
         return
+    _pin(spec, out)
     threads = max(1, (os.cpu_count() or 1) // parallel)
     steps = parse_variant(spec, spec.baseline).train.train_iters
     progress = Progress(len(runs), len(runs) - len(todo), steps)
