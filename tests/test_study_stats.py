@@ -52,3 +52,40 @@ def test_against_scipy():
     assert t_quantile(0.9, 7) == pytest.approx(stats.t.ppf(0.9, 7), rel=1e-9)
     x, y = [0.3, 1.2, 2.2, 2.9, 4.4, 5.1], [1.0, 0.7, 2.5, 2.0, 3.9, 3.1]
     assert pearson(x, y)[0] == pytest.approx(stats.pearsonr(x, y)[0], rel=1e-12)
+
+
+def _report(diff, low, high, p_holm, base_mean=1.0, runs=None):
+    comparison = {"mean_diff": diff, "ci_low": low, "ci_high": high, "p_holm": p_holm}
+    return {"baseline": "base", "variants": {"base": {"m": {"mean": base_mean}}},
+            "comparisons": {"v": {"m": comparison}}, "runs": runs or {}}
+
+
+@pytest.mark.parametrize("expect, diff, low, high, p, word", [
+    ("lower", -0.2, -0.3, -0.1, 0.01, "reproduced"),
+    ("lower", 0.2, 0.1, 0.3, 0.01, "not reproduced"),
+    ("higher", 0.2, 0.1, 0.3, 0.01, "reproduced"),
+    ("lower", -0.2, -0.5, 0.1, 0.2, "not significant at this scale"),
+    ("lower", -0.2, -0.3, -0.1, 0.06, "not significant at this scale"),  # Holm's p decides, not the raw one
+    ("same", 0.01, -0.05, 0.07, 0.5, "reproduced"),  # inside ±0.1 of the baseline's mean 1.0
+    ("same", 0.05, -0.05, 0.15, 0.5, "inconclusive"),
+    ("same", 0.3, 0.2, 0.4, 0.01, "not reproduced"),
+])
+def test_claim_verdicts(expect, diff, low, high, p, word):
+    from megatron_moe_reg.studies.claims import Claim, verdict
+
+    got = verdict(Claim(expect=expect, metric="m", variant="v"), _report(diff, low, high, p))
+    assert got["verdict"] == word, got
+
+
+def test_uncorrelated_claim_needs_a_narrow_interval():
+    from megatron_moe_reg.studies.claims import Claim, verdict
+
+    claim = Claim(expect="uncorrelated", x="a", y="b")
+    rng = __import__("random").Random(0)
+    xs = [rng.gauss(0, 1) for _ in range(200)]
+    independent = {"a": xs, "b": [rng.gauss(0, 1) for _ in range(200)]}
+    assert verdict(claim, _report(0, 0, 0, 1, runs=independent))["verdict"] == "reproduced"
+    few = {"a": xs[:6], "b": independent["b"][:6]}  # 6 runs: the interval is too wide to call
+    assert verdict(claim, _report(0, 0, 0, 1, runs=few))["verdict"] == "inconclusive"
+    tied = {"a": xs, "b": [x + 0.1 * rng.gauss(0, 1) for x in xs]}
+    assert verdict(claim, _report(0, 0, 0, 1, runs=tied))["verdict"] == "not reproduced"
