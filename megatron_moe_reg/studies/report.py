@@ -118,11 +118,10 @@ def markdown(report: dict, images: tuple[str, ...] = ()) -> str:
     metrics = [m for m in METRICS if variants and all(m in report["variants"][v] for v in variants)]
     lines = [
         f"# Study {report['study']}: {report['seeds']} seeds, baseline {report['baseline']}, "
-        f"{report['eval_tokens']} held-out tokens",
-        "",
-        "| metric | " + " | ".join(variants) + " |",
-        "|---|" + "---|" * len(variants),
+        f"{report['eval_tokens']} held-out tokens"
     ]
+    if variants:
+        lines += ["", "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for m in metrics:
         cells = [f"{report['variants'][v][m]['mean']:.4g} ± {report['variants'][v][m]['std']:.2g}" for v in variants]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
