@@ -12,18 +12,8 @@ import math
 import statistics
 
 
-def _load_cv(layer: dict) -> float:
-    share = layer["load_share"]
-    mean = statistics.fmean(share)
-    return statistics.pstdev(share) / mean if mean else math.nan
-
-
-def _dead(layer: dict) -> float:
-    return float(sum(s == 0 for s in layer["load_share"]))
-
-
-def _layer_mean(result: dict, key: str | None, fn=None) -> float:
-    values = [fn(layer) if fn else layer.get(key) for layer in result["layers"]]
+def _layer_mean(result: dict, key: str) -> float:
+    values = [layer.get(key) for layer in result["layers"]]
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.fmean(values) if values else math.nan
 
@@ -53,8 +43,8 @@ METRICS = {
     "PES": (lambda r: _layer_mean(r, "pes"), None),
     "activation MSO": (lambda r: _layer_mean(r, "activation_mso"), None),
     "weight MSO": (lambda r: _layer_mean(r, "weight_mso_fc1"), None),
-    "load CV": (lambda r: _layer_mean(r, None, _load_cv), None),
-    "dead experts": (lambda r: _layer_mean(r, None, _dead), True),
+    "load CV": (lambda r: _layer_mean(r, "load_cv"), None),  # metrics.load_statistics, per layer
+    "dead experts": (lambda r: _layer_mean(r, "dead_experts"), True),
     "pathway MI": (_pathway_mi, None),
     "expert-domain NMI": (lambda r: _layer_mean(r, "expert_domain_nmi"), None),
     # SR-MoE's interference test (moe-reg adapt): loss rise / accuracy drop on the other domains
