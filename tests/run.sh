@@ -10,7 +10,9 @@
 # second pass; it is also skipped, with a message, when the 0.19.2 wheel cannot be fetched,
 # except under CI=true, where that is a failure. The 0.19.2 pass runs Megatron-LM's own
 # pretrain() loop (megatron.training ships in that wheel); MEGATRON_LM_PATH=/path/to/Megatron-LM
-# runs the same tests with the checkout's pretrain_gpt.py.
+# runs the same tests with the checkout's pretrain_gpt.py. Test files run on TEST_WORKERS pytest-xdist
+# workers (default 2; each file stays on one worker, so its module fixtures are built once; 0 runs
+# them in this process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +24,10 @@ fi
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+WORKERS=(-n "${TEST_WORKERS:-2}" --dist loadfile)
 
 echo "== megatron-core $(python -c 'from megatron.core import package_info as p; print(p.__version__)')"
-python -m pytest tests -q --durations=30 "$@"
+python -m pytest tests -q "${WORKERS[@]}" --durations=30 "$@"
 
 COMPAT=${MOE_REG_COMPAT:-0.19.2}
 if [[ "$COMPAT" != none ]]; then
@@ -37,5 +40,6 @@ if [[ "$COMPAT" != none ]]; then
     exit 0
   fi
   echo "== megatron-core $COMPAT ($COMPAT_PATH)"
-  PYTHONPATH="$COMPAT_PATH${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests -q -p no:cacheprovider -m compat --durations=15 "$@"
+  PYTHONPATH="$COMPAT_PATH${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests -q "${WORKERS[@]}" -p no:cacheprovider -m compat \
+    --durations=15 "$@"
 fi
