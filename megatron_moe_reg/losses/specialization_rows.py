@@ -17,12 +17,11 @@ Backward (inferred, by the chain rule): ∂R/∂G_i = 2 w_i G_i ⊙ (1 - I); ∂
 
 Saved for backward: the rows themselves (tensors the experts already keep for their own backward,
 so no new storage), the positions (one integer per row) and w; Ẑ and G are recomputed. Math in
-fp32 (fp64 inputs stay fp64). No host-device synchronization.
+fp32 (fp64 inputs stay fp64). No host-device synchronization. Without gradient (a log-step
+measurement with the coefficient 0) the value is computed alone and nothing is kept.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -33,20 +32,16 @@ def _compute_dtype(rows) -> torch.dtype:
     return torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
 
 
-def _sources(positions: torch.Tensor, num_slots: int, num_rows: int, complete: bool) -> torch.Tensor:
-    """For each slot, the row that fills it; ``num_rows`` (a zero row appended) for an empty slot.
-    ``complete``: every slot gets exactly one row (dropless routing, no subsample)."""
-    fill = torch.empty if complete else functools.partial(torch.full, fill_value=num_rows)
-    source = fill((num_slots + 1,), dtype=torch.long, device=positions.device)
-    source.index_copy_(0, positions, torch.arange(num_rows, device=positions.device))
-    return source[:num_slots]
-
-
-def _assemble(rows, sources: torch.Tensor, dtype, complete: bool) -> torch.Tensor:
-    """[num_slots, F]: each slot's row (a gather, one copy of each row), zeros in empty slots."""
-    parts = list(rows) if complete else [*rows, rows[0].new_zeros(1, rows[0].shape[-1])]
-    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return flat.index_select(0, sources).to(dtype)
+def _placed(rows, positions: torch.Tensor, num_slots: int, dtype, complete: bool) -> torch.Tensor:
+    """[num_slots, F]: each row copied once into its slot (``num_slots`` is a trash row, dropped),
+    zeros in empty slots. ``complete``: every slot gets exactly one row (dropless, no subsample)."""
+    fill = torch.empty if complete else torch.zeros
+    z = fill(num_slots + 1, rows[0].shape[-1], dtype=dtype, device=rows[0].device)
+    start = 0
+    for chunk in rows:
+        z.index_copy_(0, positions[start : start + chunk.shape[0]], chunk.to(dtype))
+        start += chunk.shape[0]
+    return z[:num_slots]
 
 
 def use_triton(kernel: str, rows) -> bool:
@@ -60,22 +55,38 @@ def use_triton(kernel: str, rows) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _token_rows(positions, num_tokens: int, slots: int, complete: bool, rows, dtype=None) -> torch.Tensor:
+    """Z [T, S, F] in the compute dtype (or ``dtype``)."""
+    dtype = dtype or _compute_dtype(rows)
+    return _placed(rows, positions, num_tokens * slots, dtype, complete).view(num_tokens, slots, -1)
+
+
+def _measured_value(positions, weights, slots, eps, complete, kernel, rows) -> torch.Tensor:
+    """R_sp without gradient (a log-step measurement): the forward's value, nothing kept for backward."""
+    z = _token_rows(positions, weights.shape[0], slots, complete, rows)
+    if use_triton(kernel, rows):
+        from megatron_moe_reg.losses.specialization_kernels import gram_terms
+
+        per_token, _ = gram_terms(z, weights, eps)
+        return per_token @ weights.to(per_token.dtype)
+    ratio, _, _ = cos2_terms(z @ z.transpose(1, 2), eps)
+    return ratio.sum(dim=(1, 2)) @ weights.to(z.dtype)
+
+
 class RowSpecialization(torch.autograd.Function):
     """``apply(positions, weights_T, slots, eps, complete, kernel, *rows)`` -> R_sp (a scalar)."""
 
     @staticmethod
     def forward(ctx, positions, weights, slots, eps, complete, kernel, *rows):
         num_tokens = weights.shape[0]
-        dtype = _compute_dtype(rows)
-        num_rows = sum(r.shape[0] for r in rows)
-        sources = _sources(positions, num_tokens * slots, num_rows, complete)
-        z = _assemble(rows, sources, dtype, complete).view(num_tokens, slots, -1)
+        z = _token_rows(positions, num_tokens, slots, complete, rows)
+        dtype = z.dtype
         ctx.slots, ctx.complete, ctx.triton = slots, complete, use_triton(kernel, rows)
         if ctx.triton:  # one fused pass over Z per token (losses.specialization_kernels)
             from megatron_moe_reg.losses.specialization_kernels import gram_terms
 
             per_token, d_gram = gram_terms(z, weights, eps)
-            ctx.save_for_backward(positions, sources, d_gram, *rows)
+            ctx.save_for_backward(positions, d_gram, *rows)
             return per_token @ weights.to(per_token.dtype)
         gram = z @ z.transpose(1, 2)
         ratio, inv_d, off = cos2_terms(gram, eps)
@@ -84,14 +95,14 @@ class RowSpecialization(torch.autograd.Function):
         d_gram = 2.0 * gram * off * inv_d.unsqueeze(2) * inv_d.unsqueeze(1)
         d_diag = -2.0 * ratio.sum(dim=2) * inv_d * (gram.diagonal(dim1=1, dim2=2) > eps * eps)
         d_gram = (d_gram + torch.diag_embed(d_diag)) * weights.to(dtype).view(-1, 1, 1)
-        ctx.save_for_backward(positions, sources, d_gram, *rows)
+        ctx.save_for_backward(positions, d_gram, *rows)
         return ratio.sum(dim=(1, 2)) @ weights.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        positions, sources, d_gram, *rows = ctx.saved_tensors
+        positions, d_gram, *rows = ctx.saved_tensors
         num_tokens, slots = d_gram.shape[0], ctx.slots
-        z = _assemble(rows, sources, d_gram.dtype, ctx.complete).view(num_tokens, slots, -1)
+        z = _token_rows(positions, num_tokens, slots, ctx.complete, rows, d_gram.dtype)
         d_z = z.new_empty(num_tokens * slots + 1, z.shape[-1])
         d_z[-1] = 0.0  # the trash row's gradient
         # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric); into d_z's rows
@@ -127,6 +138,8 @@ def specialization_loss_from_rows(
     """
     if not rows:
         raise ValueError("specialization_loss_from_rows needs at least one chunk of rows")
+    if not (torch.is_grad_enabled() and any(r.requires_grad for r in rows)):
+        return _measured_value(positions, weights_T, slots, eps, complete, kernel, rows)
     return RowSpecialization.apply(positions, weights_T, slots, eps, complete, kernel, *rows)
 
 

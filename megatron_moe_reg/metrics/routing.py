@@ -37,37 +37,46 @@ def routing_entropy(probs_TE: torch.Tensor, token_mask_T: torch.Tensor | None = 
     if num_experts < 2:
         return torch.zeros((), dtype=torch.float64, device=p.device)
     h = _entropy(p / p.sum(-1, keepdim=True).clamp_min(1e-30)) / math.log(num_experts)
-    if token_mask_T is not None:
-        h = h[token_mask_T.reshape(-1).to(torch.bool)]
-    return h.mean() if h.numel() else h.sum()
+    if token_mask_T is None:
+        return h.mean() if h.numel() else h.sum()
+    keep = token_mask_T.reshape(-1).to(h)  # a weighted mean, not a boolean selection: no host read
+    return (h * keep).sum() / keep.sum().clamp_min(1)
 
 
 @torch.no_grad()
 def load_entropy(counts_E: torch.Tensor) -> torch.Tensor:
-    """Normalized entropy of the load distribution c / Σc, in [0, 1] (0 when nothing was routed)."""
+    """Normalized entropy of the load distribution c / Σc, in [0, 1] (0 when nothing was routed);
+    over the last dimension (a [L, E] input gives one value per layer)."""
     c = counts_E.double()
-    total = c.sum()
-    if c.numel() < 2 or total <= 0:
-        return torch.zeros((), dtype=torch.float64, device=c.device)
-    return _entropy(c / total) / math.log(c.numel())
+    if c.shape[-1] < 2:
+        return torch.zeros(c.shape[:-1], dtype=torch.float64, device=c.device)
+    total = c.sum(-1, keepdim=True)
+    h = _entropy(c / total.clamp_min(1e-30)) / math.log(c.shape[-1])
+    return torch.where(total.squeeze(-1) > 0, h, torch.zeros_like(h))
+
+
+@torch.no_grad()
+def load_statistics_tensors(counts_LE: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``LOAD_STATISTICS`` of counts over the last dimension, as tensors (no host read)."""
+    c = counts_LE.double()
+    safe_mean = c.mean(-1).clamp_min(1e-30)
+    std = c.std(-1, unbiased=False)
+    top = c.amax(-1)
+    return {
+        "load_min": c.amin(-1),
+        "load_max": top,
+        "load_std": std,
+        "load_cv": std / safe_mean,
+        "load_max_violation": top / safe_mean - 1,
+        "dead_experts": (c == 0).sum(-1).double(),
+        "load_entropy": load_entropy(c),
+    }
 
 
 @torch.no_grad()
 def load_statistics(counts_E: torch.Tensor) -> dict[str, float]:
     """min / max / std / cv / max violation / dead experts / load entropy of one layer's counts."""
-    c = counts_E.double()
-    mean = c.mean()
-    safe_mean = mean.clamp_min(1e-30)
-    std = c.std(unbiased=False)
-    return {
-        "load_min": float(c.min()),
-        "load_max": float(c.max()),
-        "load_std": float(std),
-        "load_cv": float(std / safe_mean),
-        "load_max_violation": float(c.max() / safe_mean - 1),
-        "dead_experts": float((c == 0).sum()),
-        "load_entropy": float(load_entropy(c)),
-    }
+    return {name: float(value) for name, value in load_statistics_tensors(counts_E).items()}
 
 
 def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 95)) -> dict[str, float]:
@@ -75,7 +84,8 @@ def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 95)) -> dict
     if not values:
         return {}
     t = torch.tensor(values, dtype=torch.float64)
-    return {f"p{q}": float(torch.quantile(t, q / 100)) for q in qs}
+    found = torch.quantile(t, torch.tensor([q / 100 for q in qs], dtype=torch.float64)).tolist()
+    return {f"p{q}": v for q, v in zip(qs, found, strict=True)}
 
 
 def router_distribution(logits_TE: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:

@@ -28,14 +28,12 @@ import torch.nn.functional as F
 from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
 from megatron_moe_reg.integration.megatron.norms import mark_sequence_parallel
 from megatron_moe_reg.losses.router_penalties import (
-    EPS,
     power_iteration,
     sigma_from_vectors,
     spectral_penalty,
-    stable_rank,
     stable_rank_penalty,
 )
-from megatron_moe_reg.metrics.geometry import row_orthogonality_error, spectral_norm
+from megatron_moe_reg.metrics.geometry import geometry_tensors
 from megatron_moe_reg.metrics.routing import router_distribution, routing_entropy
 
 
@@ -196,15 +194,9 @@ class PluginRouterMixin(_RouterBase):
         self._measured_step = self.moe_reg_step
         num_layers = self.config.num_layers
         with torch.no_grad():
-            W = self.penalty_matrix().detach().to(self._compute_dtype())
-            sigma = spectral_norm(W)
-            self.tracker.record("router_sigma_max", sigma, self.layer_number, num_layers)
-            self.tracker.record(
-                "router_stable_rank", stable_rank(W, sigma.clamp_min(EPS)), self.layer_number, num_layers
-            )
-            self.tracker.record(
-                "router_row_orthogonality_error", row_orthogonality_error(W), self.layer_number, num_layers
-            )
+            W = self.penalty_matrix().detach()
+            for name, value in geometry_tensors(W).items():  # one fp64 Gram of W's rows
+                self.tracker.record(name, value, self.layer_number, num_layers)
             error = self.orthonormality_error()
             if error is not None:
                 self.tracker.record("router_basis_orthonormality_error", error, self.layer_number, num_layers)

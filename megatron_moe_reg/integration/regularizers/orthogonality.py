@@ -10,6 +10,11 @@ gradients, and Megatron's DDP sums expert gradients over the expert-DP group wit
 (the autoscaler's cp factor) = coeff. With ``calculate_per_token_loss`` the token-count factors
 cancel the same way. Cost per MoE layer and micro-batch: an all-gather of the layer's expert
 weights over EP and an E x E Gram of length-D rows (D = 2FH/etp for fc1), forward and backward.
+
+The weight MSO (``weight_mso_fc1``, ``weight_mso_fc2``: the loss's value without its coefficient)
+costs the same all-gather and Gram without gradient. It is a function of the weights alone, so it
+is measured with the other all-experts metrics (PES, activation MSO) on ``--moe-metrics-interval``
+steps; on the other measured (log) steps only the kind the loss computes anyway is recorded.
 """
 
 from __future__ import annotations
@@ -31,19 +36,20 @@ class WeightOrthogonality:
         self.tracker, self.num_layers = tracker, num_layers
         self.ep_group = getattr(self.experts, "ep_group", None)
         self.etp_group = getattr(self.experts, "tp_group", None)
-        self.measure = False
+        self.measured_kinds: tuple[str, ...] = ()
         self._measured = False
         self.handle = self.experts.register_forward_hook(self._after_experts)
 
-    def begin_step(self, measure: bool) -> None:
-        self.measure, self._measured = measure, False
+    def begin_step(self, kinds: tuple[str, ...]) -> None:
+        """``kinds``: the weight MSOs to record this step."""
+        self.measured_kinds, self._measured = kinds, False
 
     def measure_now(self, known: dict | None = None) -> None:
-        """Record the weight MSO of fc1 and fc2 (collective over EP x ETP; no gradient); ``known``
-        holds values already computed this step (the loss's own kind)."""
+        """Record this step's weight MSOs (collective over EP x ETP; no gradient); ``known`` holds
+        values already computed this step (the loss's own kind)."""
         known = known or {}
         with torch.no_grad():
-            for kind in WEIGHT_KINDS:
+            for kind in self.measured_kinds:
                 value = known.get(kind)
                 if value is None:
                     value = weight_orthogonality_from_gram(
@@ -60,7 +66,7 @@ class WeightOrthogonality:
             loss = weight_orthogonality_from_gram(
                 all_experts_gram(self.experts, self.kind, self.ep_group, self.etp_group)
             )
-        if self.measure and not self._measured:
+        if self.measured_kinds and not self._measured:
             self.measure_now({} if loss is None else {self.kind: loss})
         if loss is None:
             return None
@@ -78,10 +84,18 @@ class WeightOrthogonalityLoss(RegularizerBase):
 
     def begin_step(self, plan: StepPlan) -> None:
         for module in self.modules:
-            module.begin_step(plan.measure)
+            module.begin_step(self.kinds(plan))
+
+    def kinds(self, plan: StepPlan) -> tuple[str, ...]:
+        """Both kinds on ``--moe-metrics-interval`` steps; the loss's own on the other measured steps."""
+        if plan.expensive:
+            return WEIGHT_KINDS
+        if plan.measure and self.modules and self.modules[0].coeff > 0:
+            return (self.modules[0].kind,)
+        return ()
 
     def metric_names(self, plan: StepPlan) -> list[str]:
-        return [f"weight_mso_{kind}" for kind in WEIGHT_KINDS] if plan.measure else []
+        return [f"weight_mso_{kind}" for kind in self.kinds(plan)]
 
     def set_coefficient(self, value: float) -> None:
         for module in self.modules:
@@ -89,9 +103,9 @@ class WeightOrthogonalityLoss(RegularizerBase):
 
 
 def build(ctx: InstallContext) -> WeightOrthogonalityLoss | None:
-    """Installed when the loss is on or the weight MSO is measured."""
+    """Installed when the loss is on or the weight MSO is measured (``--moe-metrics-interval``)."""
     p = ctx.plugin
-    if not (p.moe_weight_orthogonality_coeff > 0 or p.moe_reg_measure):
+    if not (p.moe_weight_orthogonality_coeff > 0 or p.moe_metrics_interval):
         return None
     coeff, kind = p.moe_weight_orthogonality_coeff, p.moe_weight_orthogonality_weights
     return WeightOrthogonalityLoss(

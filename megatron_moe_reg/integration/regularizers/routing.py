@@ -5,7 +5,7 @@ enabled, so activation recompute counts a micro-batch once) to ``counts[layer, e
 every training step. At the report the counts are summed over every rank that routes distinct
 tokens: the pipeline group (disjoint layers), the data-parallel x context-parallel group and,
 with sequence parallelism, the tensor-parallel group (without it TP ranks route the same
-tokens). The statistics (``metrics.load_statistics``) are then computed per layer from the
+tokens). The statistics (``metrics.load_statistics_tensors``) are then computed per layer from the
 global counts, so they equal the single-process values for any DP/TP/EP/PP layout.
 
 Routing entropy (``metrics.routing_entropy``) is recorded through the plugin tracker on measured
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_moe_reg.config import PluginConfig
 from megatron_moe_reg.integration.megatron.tracker import metrics_device
 from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
-from megatron_moe_reg.metrics.routing import LOAD_STATISTICS, load_statistics, percentiles
+from megatron_moe_reg.metrics.routing import load_statistics_tensors, percentiles
 
 
 class RoutingStats:
@@ -51,17 +51,18 @@ class RoutingStats:
         over layers; clears the window. Collective."""
         counts = self.global_counts()
         self.counts.zero_()
-        layers = [i for i in range(counts.shape[0]) if counts[i].sum() > 0]
+        stats = load_statistics_tensors(counts)
+        host = torch.stack([counts.sum(-1) > 0, *stats.values()]).tolist()  # one host read
+        layers = [i for i, present in enumerate(host[0]) if present]
         if not layers:
             return {}
-        per = {i: load_statistics(counts[i]) for i in layers}
         out: dict[str, float] = {}
-        for name in LOAD_STATISTICS:
-            values = [per[i][name] for i in layers]
+        for name, row in zip(stats, host[1:], strict=True):
+            values = [row[i] for i in layers]
             out[name] = sum(values) / len(values)
             out.update({f"{name}_{q}": v for q, v in percentiles(values).items()})
             if per_layer:
-                out.update({f"{name}_layer_{i}": per[i][name] for i in layers})
+                out.update({f"{name}_layer_{i}": row[i] for i in layers})
         if writer is not None:
             for key, value in out.items():
                 writer.add_scalar(f"{prefix}/{key}", value, iteration)
