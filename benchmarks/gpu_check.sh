@@ -38,9 +38,9 @@ step_command() {  # the command of a step, one string (the dry run parses it)
     install) echo "python -m pip install -q --no-index --no-deps --target $SITE $WHEELS/*.whl" ;;
     pytest) echo "python -m pytest -q -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
     grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json" ;;
-    training) echo "python benchmarks/loss_overhead.py --rounds 4 --no-memory --profile-steps 2 ${MID[*]:0:2} \
+    training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${MID[*]:0:2} \
 --vocab-size 32768 -- --moe-grouped-gemm-backend triton \
-&& python benchmarks/loss_overhead.py --rounds 4 --no-memory --profile-steps 0 ${MID[*]:0:2} \
+&& python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${MID[*]:0:2} \
 --vocab-size 32768 -- --moe-grouped-gemm-backend sequential \
 && python tests/sync_watch.py ${OUT:-$ROOT}/sync ${MID[*]} --train-iters 10 --log-interval 5 --eval-iters 0 \
 --moe-specialization-loss-coeff 2e-3 --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton \

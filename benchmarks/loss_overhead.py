@@ -1,10 +1,12 @@
 """Step time and activation memory of training steps with R_sp / R_cp / L_orth on versus off.
 
-One model; the variants alternate within each round on the same data stream (in a new random
-order each round), each a full training step (forward, backward, optimizer). A variant's figure
-is the median over rounds of its time divided by the "off" step of the same round, so drift of a
-noisy machine cancels; "off (control)" is a second "off" step per round, and its ratio (ideally
-1.000) says how far the figures can be trusted.
+One model, one data stream. Each round runs every variant once, in a new random order, each as
+a pair of full training steps (forward, backward, optimizer) beside an "off" step of its own (in
+random order within the pair), so slow drift of a noisy machine cancels in the pair's ratio. A
+variant's figure is the 20 % trimmed mean over rounds of those ratios, with a bootstrap 95 %
+interval; "off (control)" is an "off" step paired with an "off" step, and its figure (ideally
+1.000) says how far the others can be trusted. Python's garbage collector runs between steps,
+never inside a timed one.
 
   off            every coefficient 0, no measurement (expert load is still counted)
   measure        coefficients 0, losses and routing metrics measured without gradient (a log step)
@@ -14,8 +16,10 @@ noisy machine cancels; "off (control)" is a second "off" step per round, and its
   R_sp+R_cp@256  both, R_sp over 256 evenly spaced tokens per micro-batch (--moe-specialization-max-tokens)
   L_orth         weight-orthogonality loss on fc1, λ = 1e-2
 
-Under the ratios, a breakdown of the plugin's time per step from the profiler (R_sp+R_cp steps):
-return to the owners, Gram (forward and its backward node), attachment, coupling.
+Under the ratios, a breakdown of the plugin's time per step from the profiler, for R_sp+R_cp steps
+and for measure-only steps: return to the owners, Gram (forward and its backward node),
+attachment, coupling, routing metrics (expert load, counted on every step, "off" included; on
+measured steps also the routing entropy and the router geometry).
 
 With ``--ep 2`` the benchmark runs itself in two processes (expert parallelism, ``--dispatcher``
 alltoall or allgather) and also times the floor of R_sp's exact communication alone: per MoE
@@ -26,13 +30,14 @@ Memory (one process): the bytes autograd keeps for backward during a step (uniqu
 ``torch.autograd.graph.saved_tensors_hooks``) and, on GPU, the allocator's peak, each measured in a
 fresh subprocess.
 
-    python benchmarks/loss_overhead.py [--config examples/tiny_cpu.toml] [--rounds 20] [--ep 2 --dispatcher alltoall]
+    python benchmarks/loss_overhead.py [--config examples/tiny_cpu.toml] [--rounds 48] [--ep 2 --dispatcher alltoall]
         [-- more moe-reg pretrain flags]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -54,9 +59,15 @@ VARIANTS = {
     "R_sp+R_cp@256": (2e-3, 1e-3, 0.0, False, 256),
     "L_orth": (0.0, 0.0, 1e-2, False, 0),
 }
-RANGES = {"return to owners": "moe_reg.R_sp.return", "Gram (forward)": "moe_reg.R_sp.gram",
-          "Gram (backward)": "RowSpecializationBackward", "attachment": "moe_reg.R_sp.attach",
-          "coupling": "moe_reg.R_cp"}
+RANGES = {
+    "return to owners": "moe_reg.R_sp.return",
+    "Gram (forward)": "moe_reg.R_sp.gram",
+    "Gram (backward)": "RowSpecializationBackward",
+    "attachment": "moe_reg.R_sp.attach",
+    "coupling": "moe_reg.R_cp",
+    "routing metrics": "moe_reg.routing",
+}
+PROFILED = ("R_sp+R_cp", "measure")
 
 
 def setup(argv):
@@ -66,11 +77,27 @@ def setup(argv):
 
     quiet_third_party_warnings()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    flags = ["--config", argv.config, "--mock-data", "--vocab-size", str(argv.vocab_size),
-             "--micro-batch-size", str(argv.micro_batch_size), "--global-batch-size",
-             str(argv.micro_batch_size * world), "--train-iters", "1000", "--eval-iters", "0",
-             "--moe-specialization-loss-coeff", "1e-3", "--moe-coupling-loss-coeff", "1e-3",
-             "--moe-weight-orthogonality-coeff", "1e-3"]
+    flags = [
+        "--config",
+        argv.config,
+        "--mock-data",
+        "--vocab-size",
+        str(argv.vocab_size),
+        "--micro-batch-size",
+        str(argv.micro_batch_size),
+        "--global-batch-size",
+        str(argv.micro_batch_size * world),
+        "--train-iters",
+        "1000",
+        "--eval-iters",
+        "0",
+        "--moe-specialization-loss-coeff",
+        "1e-3",
+        "--moe-coupling-loss-coeff",
+        "1e-3",
+        "--moe-weight-orthogonality-coeff",
+        "1e-3",
+    ]
     if argv.num_layers:
         flags += ["--num-layers", str(argv.num_layers)]
     flags += argv.flags
@@ -93,16 +120,45 @@ def run_step(ctx, data, variant: str) -> float:
 
     sp, cp, orth, measure, max_tokens = VARIANTS[variant]
     regs = ctx.regularizers
-    regs.set_coefficients({"moe_specialization_loss_coeff": sp, "moe_coupling_loss_coeff": cp,
-                           "moe_weight_orthogonality_coeff": orth})
+    regs.set_coefficients(
+        {"moe_specialization_loss_coeff": sp, "moe_coupling_loss_coeff": cp, "moe_weight_orthogonality_coeff": orth}
+    )
     regs.components["specialization"].set_max_tokens(max_tokens)
     regs.begin_step(1, StepPlan(measure=measure, log=False))
+    gc.collect()
+    gc.disable()
     _sync()
     t0 = time.perf_counter()
     train_step(ctx, data)
     regs.finish_step(1)
     _sync()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    gc.enable()
+    return elapsed
+
+
+def trimmed_mean(values: list[float], trim: float = 0.2) -> float:
+    """The mean of ``values`` without the lowest and highest ``trim`` fraction."""
+    ordered = sorted(values)
+    cut = int(trim * len(ordered))
+    kept = ordered[cut : len(ordered) - cut] or ordered
+    return sum(kept) / len(kept)
+
+
+def bootstrap_interval(values: list[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % percentile-bootstrap interval of ``trimmed_mean(values)``."""
+    rng = random.Random(seed)
+    stats = sorted(trimmed_mean(rng.choices(values, k=len(values))) for _ in range(samples))
+    return stats[int(0.025 * samples)], stats[int(0.975 * samples) - 1]
+
+
+def timed_pair(ctx, data, variant: str, rng: random.Random) -> tuple[float, float]:
+    """(variant's step time, its paired "off" step time), the two in random order."""
+    first_off = rng.random() < 0.5
+    off = run_step(ctx, data, "off") if first_off else None
+    measured = run_step(ctx, data, variant)
+    off = off if first_off else run_step(ctx, data, "off")
+    return measured, off
 
 
 def comm_floor(ctx, cfg, dispatcher: str) -> float:
@@ -135,13 +191,13 @@ def comm_floor(ctx, cfg, dispatcher: str) -> float:
     return time.perf_counter() - t0
 
 
-def breakdown(ctx, data, steps: int) -> dict[str, float]:
-    """Milliseconds per R_sp+R_cp step in each of the plugin's profiler ranges."""
+def breakdown(ctx, data, steps: int, variant: str) -> dict[str, float]:
+    """Milliseconds per ``variant`` step in each of the plugin's profiler ranges."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            run_step(ctx, data, "R_sp+R_cp")
+            run_step(ctx, data, variant)
     totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
     return {name: totals.get(key, 0.0) / 1e3 / steps for name, key in RANGES.items()}
 
@@ -164,8 +220,14 @@ def memory_probe(ctx, data, variant: str) -> dict:
 
 
 def common_args(argv) -> list[str]:
-    out = ["--config", argv.config, "--vocab-size", str(argv.vocab_size), "--micro-batch-size",
-           str(argv.micro_batch_size)]
+    out = [
+        "--config",
+        argv.config,
+        "--vocab-size",
+        str(argv.vocab_size),
+        "--micro-batch-size",
+        str(argv.micro_batch_size),
+    ]
     out += ["--num-layers", str(argv.num_layers)] if argv.num_layers else []
     return out + (["--", *argv.flags] if argv.flags else [])
 
@@ -173,21 +235,28 @@ def common_args(argv) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="examples/tiny_cpu.toml")
-    p.add_argument("--rounds", type=int, default=20, help="timed rounds (each runs every variant once)")
+    p.add_argument("--rounds", type=int, default=48, help="timed rounds (each runs every variant once)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--num-layers", type=int, default=0, help="override the config's layer count (0: keep)")
     p.add_argument("--ep", type=int, default=1, choices=[1, 2], help="expert-parallel processes")
     p.add_argument("--dispatcher", choices=["alltoall", "allgather"], default="alltoall")
-    p.add_argument("--profile-steps", type=int, default=3, help="R_sp+R_cp steps profiled for the breakdown")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps of each profiled variant")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--memory-probe", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("flags", nargs=argparse.REMAINDER, help="after --: more moe-reg pretrain flags (e.g. --bf16)")
     argv = p.parse_args()
     argv.flags = [f for f in argv.flags if f != "--"]
     if argv.ep > 1 and "WORLD_SIZE" not in os.environ:  # run itself in argv.ep processes
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={argv.ep}",
-               __file__, *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={argv.ep}",
+            __file__,
+            *sys.argv[1:],
+        ]
         sys.exit(subprocess.run(cmd).returncode)
     from megatron_moe_reg.training.data import make_loader
 
@@ -196,41 +265,51 @@ def main() -> None:
     if argv.memory_probe:
         print(json.dumps(memory_probe(ctx, data, argv.memory_probe)))
         return
-    names = list(VARIANTS)
+    names = [v for v in VARIANTS if v != "off"]
     ratios: dict[str, list[float]] = {v: [] for v in names}
-    times: dict[str, list[float]] = {v: [] for v in names}
+    times: dict[str, list[float]] = {v: [] for v in ["off", *names]}
     floors: list[float] = []
-    shuffle = random.Random(1234)  # the same order on every rank
+    rng = random.Random(1234)  # the same order on every rank
     for i in range(argv.rounds + 1):
-        order = shuffle.sample(names, len(names))  # a new order each round: no variant always follows another
-        measured = {v: run_step(ctx, data, v) for v in order}
+        order = rng.sample(names, len(names))  # a new order each round: no variant always follows another
+        pairs = {v: timed_pair(ctx, data, v, rng) for v in order}
         if argv.ep > 1:
             floor = comm_floor(ctx, cfg, argv.dispatcher)
         if i == 0:
             continue  # the first round warms up
-        for v in names:
-            times[v].append(measured[v])
-            ratios[v].append(measured[v] / measured["off"])
+        for v, (measured, off) in pairs.items():
+            times[v].append(measured)
+            times["off"].append(off)
+            ratios[v].append(measured / off)
         if argv.ep > 1:
-            floors.append(floor / measured["off"])
-    parts = breakdown(ctx, data, argv.profile_steps) if argv.profile_steps else {}
+            floors.append(floor / statistics.median(off for _, off in pairs.values()))
+    parts = {v: breakdown(ctx, data, argv.profile_steps, v) for v in PROFILED} if argv.profile_steps else {}
     if int(os.environ.get("RANK", "0")) != 0:
         return
     memory = {}
     if argv.ep == 1 and not argv.no_memory:
-        for v in names:
-            out = subprocess.run([sys.executable, __file__, "--memory-probe", v, *common_args(argv)],
-                                 capture_output=True, text=True)
+        for v in ["off", *names]:
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-probe", v, *common_args(argv)], capture_output=True, text=True
+            )
             if out.returncode != 0:
                 raise RuntimeError(f"memory probe {v} failed ({out.returncode}):\n{out.stderr[-3000:]}")
             memory[v] = json.loads(out.stdout.strip().splitlines()[-1])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     layout = f"EP {argv.ep} ({argv.dispatcher})" if argv.ep > 1 else "one process"
-    print(f"device: {device}, threads: {torch.get_num_threads()}, {layout}, config: {argv.config}, "
-          f"{tokens} tokens/step, {argv.rounds} rounds (median of per-round ratios to 'off')")
+    print(
+        f"device: {device}, threads: {torch.get_num_threads()}, {layout}, config: {argv.config}, "
+        f"{tokens} tokens/step, {argv.rounds} rounds (20 % trimmed mean of each variant's ratio to its "
+        f"paired 'off' step, bootstrap 95 % interval)"
+    )
+    print(f"  {'off':<14} {1000 * statistics.median(times['off']):8.1f} ms/step")
     for v in names:
-        line = f"  {v:<14} {1000 * statistics.median(times[v]):8.1f} ms/step  x{statistics.median(ratios[v]):.3f}"
+        low, high = bootstrap_interval(ratios[v])
+        line = (
+            f"  {v:<14} {1000 * statistics.median(times[v]):8.1f} ms/step  x{trimmed_mean(ratios[v]):.3f} "
+            f"[{low:.3f}, {high:.3f}]"
+        )
         if memory:
             saved, base = memory[v]["saved_mb"], memory["off"]["saved_mb"]
             line += f"   saved for backward {saved:8.1f} MiB  x{saved / base:.4f}"
@@ -238,12 +317,12 @@ def main() -> None:
                 line += f"   peak {memory[v]['peak_mb']:.1f} MiB x{memory[v]['peak_mb'] / memory['off']['peak_mb']:.4f}"
         print(line)
     if floors:
-        print(f"  floor: 'off' + R_sp's exact extra communication alone  x{1 + statistics.median(floors):.3f}")
-    if parts:
-        base = 1000 * statistics.median(times["off"])
-        print(f"  R_sp+R_cp breakdown, ms per step (profiled, {argv.profile_steps} steps; the profiler adds time):")
-        for name, ms in parts.items():
-            print(f"    {name:<18} {ms:7.2f} ms  ({100 * ms / base:.2f} % of an 'off' step)")
+        print(f"  floor: 'off' + R_sp's exact extra communication alone  x{1 + trimmed_mean(floors):.3f}")
+    off_ms = 1000 * statistics.median(times["off"])
+    for variant, ranges in parts.items():
+        print(f"  {variant} breakdown, ms per step (profiled, {argv.profile_steps} steps; the profiler adds time):")
+        for name, ms in ranges.items():
+            print(f"    {name:<18} {ms:7.2f} ms  ({100 * ms / off_ms:.2f} % of an 'off' step)")
 
 
 if __name__ == "__main__":

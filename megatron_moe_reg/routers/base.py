@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
 from megatron_moe_reg.integration.megatron.norms import mark_sequence_parallel
@@ -147,8 +148,9 @@ class PluginRouterMixin(_RouterBase):
             self.moe_reg_last_routing = RoutingRecord(routing_map, flat_mask)
             if torch.is_grad_enabled():
                 probs = self._attach_penalties(probs, self.moe_reg_last_routing)
-                self._record_geometry()
-                self._record_routing(logits, self.moe_reg_last_routing)
+                with record_function("moe_reg.routing"):  # a profiler range (benchmarks/loss_overhead.py)
+                    self._record_geometry()
+                    self._record_routing(logits, self.moe_reg_last_routing)
             for observer in self.moe_reg_observers:
                 probs = observer.after_routing(self, logits, probs, routing_map, flat_mask)
         return probs, routing_map
