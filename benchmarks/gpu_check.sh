@@ -25,7 +25,7 @@ WHEELS=${GPU_CHECK_WHEELS:-.cache/gpu-wheels}
 SITE=.cache/gpu-site
 RESULTS=${OUT:-$ROOT}/gpu_check.md
 STEPS=(install pytest grouped_gemm training megatron_lm)
-declare -A BOX=([install]=20 [pytest]=90 [grouped_gemm]=70 [training]=80 [megatron_lm]=40)  # seconds
+declare -A BOX=([install]=15 [pytest]=90 [grouped_gemm]=75 [training]=80 [megatron_lm]=40)  # seconds
 # cp312 wheels the GPU machine lacks (it has torch, triton, numpy, sentencepiece, tensorboard,
 # matplotlib, pytest); Megatron-LM's megatron.training also needs six, regex, pydantic, pyyaml, einops
 PURE=(megatron-core==0.19.2 six einops pytest-timeout packaging tqdm)
@@ -37,7 +37,8 @@ step_command() {  # the command of a step, one string (the dry run parses it)
   case $1 in
     install) echo "python -m pip install -q --no-index --no-deps --target $SITE $WHEELS/*.whl" ;;
     pytest) echo "python -m pytest -q -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
-    grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json" ;;
+    grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json \
+&& python benchmarks/gram_kernel_speed.py --rounds 5" ;;
     training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${MID[*]:0:2} \
 --vocab-size 32768 -- --moe-grouped-gemm-backend triton \
 && python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${MID[*]:0:2} \
@@ -53,7 +54,7 @@ files_of() {  # files a step needs
   case $1 in
     install) echo "$WHEELS" ;;
     pytest) echo "tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
-    grouped_gemm) echo "benchmarks/grouped_gemm_speed.py" ;;
+    grouped_gemm) echo "benchmarks/grouped_gemm_speed.py benchmarks/gram_kernel_speed.py" ;;
     training) echo "benchmarks/loss_overhead.py tests/sync_watch.py examples/gpu_mid.toml" ;;
     megatron_lm) echo "tests/test_megatron_lm_addon_gpu.py" ;;
   esac

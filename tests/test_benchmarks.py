@@ -11,6 +11,7 @@ from helpers import ROOT, child_env
 SMALL = ["--vocab-size", "256", "--micro-batch-size", "1"]
 RUNS = {
     "grouped_gemm_speed": ["--rounds", "1", "--shapes", "coarse"],
+    "gram_kernel_speed": ["--rounds", "1"],
     "integration_overhead": ["--steps", "1", *SMALL],
     "router_overhead": ["--tokens", "64", "--hidden", "64", "--experts", "4", "--rank", "4", "--router-iters", "1",
                         "--steps", "1"],
@@ -18,7 +19,7 @@ RUNS = {
     "loss_overhead-ep2": ["--ep", "2", "--dispatcher", "allgather", "--rounds", "1", "--num-layers", "2",
                           "--profile-steps", "0", *SMALL],
 }
-EXPECT = {"grouped_gemm_speed": "| shape |", "integration_overhead": "device:",
+EXPECT = {"grouped_gemm_speed": "| shape |", "gram_kernel_speed": "| tiny |", "integration_overhead": "device:",
           "router_overhead": "router forward+backward", "loss_overhead": "R_sp+R_cp breakdown",
           "loss_overhead-ep2": "floor:"}
 

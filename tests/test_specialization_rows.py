@@ -90,8 +90,9 @@ def test_token_sample_is_evenly_spaced_and_split_by_rank():
 
 
 def test_fused_triton_kernels_match_the_torch_path():
-    """The Gram kernels in Triton's interpreter against the torch path: loss and every row gradient,
-    S = 3 (padded to 4), a dropped token, a zero row and an F that is not a block multiple."""
+    """The Gram kernels in Triton's interpreter against the torch path: loss, its no-grad value and
+    every row gradient; S = 3 (padded to 4), a dropped token, a row in no slot (zero gradient), a
+    zero row and an F that is not a block multiple, in chunks; bf16 rows in one chunk."""
     import os
     import subprocess
     import sys
@@ -102,26 +103,34 @@ def test_fused_triton_kernels_match_the_torch_path():
         import torch
         from megatron_moe_reg.losses.specialization_rows import *
         g = torch.Generator().manual_seed(3)
-        tokens, experts, k, width = 9, 5, 3, 37
-        logits = torch.randn(tokens, experts, generator=g)
-        rm = torch.zeros(tokens, experts, dtype=torch.bool)
-        rm.scatter_(1, logits.topk(k).indices, True)
-        rm[4, rm[4].nonzero()[0]] = False
-        n = int(rm.sum())
-        token, expert = permuted_pairs(rm, n)
-        positions = token * k + slot_of(rm, token, expert)
-        keep = torch.ones(tokens, dtype=torch.bool); keep[7] = False
-        w = mean_weights(keep)
-        base = torch.randn(n, width, generator=g); base[2] = 0.0
-        out = {}
-        for kernel in ("torch", "triton"):
-            rows = base.clone().requires_grad_()
-            chunks = list(torch.split(rows, rm.sum(0).tolist()))
-            loss = specialization_loss_from_rows(chunks, positions, w, k, kernel=kernel)
-            (2.5 * loss).backward()
-            out[kernel] = (loss.detach(), rows.grad)
-        assert torch.allclose(out["torch"][0], out["triton"][0], rtol=1e-5), out
-        assert torch.allclose(out["torch"][1], out["triton"][1], rtol=1e-4, atol=1e-6)
+        for tokens, experts, k, width, dtype, sparse in [(9, 5, 3, 37, torch.float32, True),
+                                                         (16, 8, 2, 40, torch.bfloat16, False)]:
+            logits = torch.randn(tokens, experts, generator=g)
+            rm = torch.zeros(tokens, experts, dtype=torch.bool)
+            rm.scatter_(1, logits.topk(k).indices, True)
+            if sparse:
+                rm[4, rm[4].nonzero()[0]] = False
+            n = int(rm.sum())
+            token, expert = permuted_pairs(rm, n)
+            positions = token * k + slot_of(rm, token, expert)
+            if sparse:
+                positions[5] = tokens * k  # a row outside every slot
+            keep = torch.ones(tokens, dtype=torch.bool); keep[7] = False
+            w = mean_weights(keep)
+            base = torch.randn(n, width, generator=g).to(dtype); base[2] = 0.0
+            out = {}
+            for kernel in ("torch", "triton"):
+                rows = base.clone().requires_grad_()
+                chunks = list(torch.split(rows, rm.sum(0).tolist())) if sparse else [rows]
+                loss = specialization_loss_from_rows(chunks, positions, w, k, kernel=kernel, complete=not sparse)
+                (2.5 * loss).backward()
+                with torch.no_grad():
+                    value = specialization_loss_from_rows(chunks, positions, w, k, kernel=kernel)
+                out[kernel] = (loss.detach(), rows.grad.float(), value)
+            assert torch.allclose(out["torch"][0], out["triton"][0], rtol=1e-5), out
+            assert torch.allclose(out["triton"][0], out["triton"][2], rtol=1e-6), out
+            assert torch.allclose(out["torch"][1], out["triton"][1], rtol=1e-4, atol=1e-6)
+            assert not sparse or (out["triton"][1][5] == 0).all()
         print("ok", float(out["triton"][0]))
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

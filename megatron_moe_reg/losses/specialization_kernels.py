@@ -1,11 +1,14 @@
 """Fused Triton kernels for R_sp's per-token Gram (imported only when the triton path runs).
 
-For each token t with rows Z_t [S, F] (``losses.specialization_rows``):
+For each token t with rows Z_t [S, F] (``losses.specialization_rows``), read where the experts left
+them: Z_t[s] is row ``source[t * S + s]`` of the rows R [N, F] (any float dtype), or a zero row
+where ``source`` is -1 (an empty slot). Nothing is placed or converted first.
 
 - ``gram_terms``: one pass over Z_t computes G_t = Z_t Z_tᵀ (fp32 accumulation), d = max(diag G, ε²),
   the token's Σ_{e≠ν} G_eν² / (d_e d_ν) and ∂/∂G (off the diagonal 2 G_eν / (d_e d_ν); on it
   -2 Σ_ν G_eν² / (d_e² d_ν), 0 where the clamp is active), times the token's weight w_t.
-- ``gram_backward``: ∂R/∂Z_t = 2 c (∂/∂G_t) Z_t, c the incoming gradient (a device scalar).
+- ``gram_backward``: ∂R/∂Z_t = 2 c (∂/∂G_t) Z_t, c the incoming gradient (a device scalar), written
+  straight into the gradient of the rows (each row fills at most one slot; rows in no slot get 0).
 
 One program per token; S padded to a power of two (≥ 2), F walked in blocks. Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU (the test suite checks them against the torch path).
@@ -19,14 +22,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _gram_terms_kernel(z_ptr, w_ptr, r_ptr, dg_ptr, S, F, eps2, SP: tl.constexpr, BF: tl.constexpr):
+def _gram_terms_kernel(x_ptr, src_ptr, w_ptr, r_ptr, dg_ptr, S, F, eps2, SP: tl.constexpr, BF: tl.constexpr):
     t = tl.program_id(0)
     rows = tl.arange(0, SP)
+    src = tl.load(src_ptr + t * S + rows, mask=rows < S, other=-1)  # int64: row of each slot, -1 empty
+    present = src >= 0
+    src = tl.where(present, src, 0)
     gram = tl.zeros((SP, SP), dtype=tl.float32)
     for f0 in range(0, F, BF):
         cols = f0 + tl.arange(0, BF)
-        mask = (rows[:, None] < S) & (cols[None, :] < F)
-        z = tl.load(z_ptr + t * S * F + rows[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mask = present[:, None] & (cols[None, :] < F)
+        z = tl.load(x_ptr + src[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         gram += tl.sum(z[:, None, :] * z[None, :, :], axis=2)
     eye = rows[:, None] == rows[None, :]
     diag = tl.sum(tl.where(eye, gram, 0.0), axis=1)  # [SP]
@@ -44,18 +50,21 @@ def _gram_terms_kernel(z_ptr, w_ptr, r_ptr, dg_ptr, S, F, eps2, SP: tl.constexpr
 
 
 @triton.jit
-def _gram_backward_kernel(z_ptr, dg_ptr, c_ptr, dz_ptr, S, F, SP: tl.constexpr, BF: tl.constexpr):
+def _gram_backward_kernel(x_ptr, src_ptr, dg_ptr, c_ptr, dx_ptr, S, F, SP: tl.constexpr, BF: tl.constexpr):
     t = tl.program_id(0)
     rows = tl.arange(0, SP)
+    src = tl.load(src_ptr + t * S + rows, mask=rows < S, other=-1)
+    present = src >= 0
+    src = tl.where(present, src, 0)
     square = (rows[:, None] < S) & (rows[None, :] < S)
     d_gram = tl.load(dg_ptr + t * S * S + rows[:, None] * S + rows[None, :], mask=square, other=0.0)
     scale = 2.0 * tl.load(c_ptr)
     for f0 in range(0, F, BF):
         cols = f0 + tl.arange(0, BF)
-        mask = (rows[:, None] < S) & (cols[None, :] < F)
-        z = tl.load(z_ptr + t * S * F + rows[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mask = present[:, None] & (cols[None, :] < F)
+        z = tl.load(x_ptr + src[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dz = tl.sum(d_gram[:, :, None] * z[None, :, :], axis=1) * scale  # [SP, BF]
-        tl.store(dz_ptr + t * S * F + rows[:, None] * F + cols[None, :], dz, mask=mask)
+        tl.store(dx_ptr + src[:, None] * F + cols[None, :], dz, mask=mask)
 
 
 def _launch_shape(slots: int, width: int) -> tuple[int, int]:
@@ -63,26 +72,43 @@ def _launch_shape(slots: int, width: int) -> tuple[int, int]:
     return sp, min(triton.next_power_of_2(width), max(16, 1024 // sp))
 
 
-def gram_terms(z: torch.Tensor, weights: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token Σ_{e≠ν} cos² [T], w-weighted ∂/∂G [T, S, S]) of z [T, S, F] (fp32 results)."""
-    z = z.contiguous()
-    num_tokens, slots, width = z.shape
-    r = torch.empty(num_tokens, dtype=torch.float32, device=z.device)
-    d_gram = torch.empty(num_tokens, slots, slots, dtype=torch.float32, device=z.device)
+def slot_sources(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``source[p]``: the row placed at slot p (``positions[row] = p``), -1 where none is; rows at
+    ``num_slots`` (dropped) fill no slot. int64 [num_slots]."""
+    source = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=positions.device)
+    source.scatter_(0, positions, torch.arange(positions.numel(), device=positions.device))
+    return source[:num_slots]
+
+
+def gram_terms(
+    rows: torch.Tensor, source: torch.Tensor, weights: torch.Tensor, slots: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token Σ_{e≠ν} cos² [T], w-weighted ∂/∂G [T, S, S]) of the rows [N, F] at ``source``
+    [T * S] (fp32 results)."""
+    rows = rows.contiguous()
+    num_tokens, width = weights.shape[0], rows.shape[-1]
+    r = torch.empty(num_tokens, dtype=torch.float32, device=rows.device)
+    d_gram = torch.empty(num_tokens, slots, slots, dtype=torch.float32, device=rows.device)
     if num_tokens:
         sp, bf = _launch_shape(slots, width)
-        w = weights.to(device=z.device, dtype=torch.float32).contiguous()
-        _gram_terms_kernel[(num_tokens,)](z, w, r, d_gram, slots, width, eps * eps, SP=sp, BF=bf)
+        w = weights.to(device=rows.device, dtype=torch.float32).contiguous()
+        _gram_terms_kernel[(num_tokens,)](rows, source, w, r, d_gram, slots, width, eps * eps, SP=sp, BF=bf)
     return r, d_gram
 
 
-def gram_backward(z: torch.Tensor, d_gram: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """2 · grad · (∂/∂G_t) Z_t for every token: [T, S, F] fp32."""
-    z = z.contiguous()
-    num_tokens, slots, width = z.shape
-    dz = torch.empty(num_tokens, slots, width, dtype=torch.float32, device=z.device)
+def gram_backward(
+    rows: torch.Tensor, source: torch.Tensor, d_gram: torch.Tensor, grad: torch.Tensor, complete: bool
+) -> torch.Tensor:
+    """∂/∂rows [N, F] fp32: 2 · grad · (∂/∂G_t) Z_t of every token, at each slot's row (``complete``:
+    every row fills a slot, so no zero fill)."""
+    rows = rows.contiguous()
+    num_tokens, slots = d_gram.shape[0], d_gram.shape[1]
+    fill = torch.empty if complete else torch.zeros
+    d_rows = fill(rows.shape, dtype=torch.float32, device=rows.device)
     if num_tokens:
-        sp, bf = _launch_shape(slots, width)
-        c = grad.to(device=z.device, dtype=torch.float32).reshape(1).contiguous()
-        _gram_backward_kernel[(num_tokens,)](z, d_gram.contiguous(), c, dz, slots, width, SP=sp, BF=bf)
-    return dz
+        sp, bf = _launch_shape(slots, rows.shape[-1])
+        c = grad.to(device=rows.device, dtype=torch.float32).reshape(1).contiguous()
+        _gram_backward_kernel[(num_tokens,)](
+            rows, source, d_gram.contiguous(), c, d_rows, slots, rows.shape[-1], SP=sp, BF=bf
+        )
+    return d_rows

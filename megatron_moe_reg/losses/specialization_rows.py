@@ -16,9 +16,11 @@ Backward (inferred, by the chain rule): ∂R/∂G_i = 2 w_i G_i ⊙ (1 - I); ∂
 ∂R/∂z = (∂R/∂ẑ - ẑ (ẑ · ∂R/∂ẑ)) / ‖z‖ where ‖z‖ > ε, and ∂R/∂ẑ / ε elsewhere.
 
 Saved for backward: the rows themselves (tensors the experts already keep for their own backward,
-so no new storage), the positions (one integer per row) and w; Ẑ and G are recomputed. Math in
-fp32 (fp64 inputs stay fp64). No host-device synchronization. Without gradient (a log-step
-measurement with the coefficient 0) the value is computed alone and nothing is kept.
+so no new storage), the positions (one integer per row; the Triton path, one per slot) and ∂R/∂G
+(S x S per token); Z is placed again in backward. Math in fp32 (fp64 inputs stay fp64). No
+host-device synchronization. Without gradient (a log-step measurement with the coefficient 0) the
+value is computed alone and nothing is kept. The Triton path reads the rows where they are, through
+each slot's row index, and writes their gradient in place: no placed copy of Z in either direction.
 """
 
 from __future__ import annotations
@@ -61,14 +63,29 @@ def _token_rows(positions, num_tokens: int, slots: int, complete: bool, rows, dt
     return _placed(rows, positions, num_tokens * slots, dtype, complete).view(num_tokens, slots, -1)
 
 
+def _joined(rows) -> torch.Tensor:
+    """The chunks as one [N, F] tensor (no copy for one chunk); a common dtype."""
+    if len(rows) == 1:
+        return rows[0]
+    dtype = rows[0].dtype if all(r.dtype == rows[0].dtype for r in rows) else _compute_dtype(rows)
+    return torch.cat([r.to(dtype) for r in rows])
+
+
+def _triton_terms(positions, weights, slots, eps, rows):
+    """(per-token terms, w-weighted ∂R/∂G, slot sources) from the fused kernels."""
+    from megatron_moe_reg.losses.specialization_kernels import gram_terms, slot_sources
+
+    source = slot_sources(positions, weights.shape[0] * slots)
+    per_token, d_gram = gram_terms(_joined(rows), source, weights, slots, eps)
+    return per_token, d_gram, source
+
+
 def _measured_value(positions, weights, slots, eps, complete, kernel, rows) -> torch.Tensor:
     """R_sp without gradient (a log-step measurement): the forward's value, nothing kept for backward."""
-    z = _token_rows(positions, weights.shape[0], slots, complete, rows)
     if use_triton(kernel, rows):
-        from megatron_moe_reg.losses.specialization_kernels import gram_terms
-
-        per_token, _ = gram_terms(z, weights, eps)
+        per_token, _, _ = _triton_terms(positions, weights, slots, eps, rows)
         return per_token @ weights.to(per_token.dtype)
+    z = _token_rows(positions, weights.shape[0], slots, complete, rows)
     ratio, _, _ = cos2_terms(z @ z.transpose(1, 2), eps)
     return ratio.sum(dim=(1, 2)) @ weights.to(z.dtype)
 
@@ -78,16 +95,13 @@ class RowSpecialization(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, positions, weights, slots, eps, complete, kernel, *rows):
-        num_tokens = weights.shape[0]
-        z = _token_rows(positions, num_tokens, slots, complete, rows)
-        dtype = z.dtype
         ctx.slots, ctx.complete, ctx.triton = slots, complete, use_triton(kernel, rows)
-        if ctx.triton:  # one fused pass over Z per token (losses.specialization_kernels)
-            from megatron_moe_reg.losses.specialization_kernels import gram_terms
-
-            per_token, d_gram = gram_terms(z, weights, eps)
-            ctx.save_for_backward(positions, d_gram, *rows)
+        if ctx.triton:  # one fused pass over each token's rows (losses.specialization_kernels)
+            per_token, d_gram, source = _triton_terms(positions, weights, slots, eps, rows)
+            ctx.save_for_backward(source, d_gram, *rows)
             return per_token @ weights.to(per_token.dtype)
+        z = _token_rows(positions, weights.shape[0], slots, complete, rows)
+        dtype = z.dtype
         gram = z @ z.transpose(1, 2)
         ratio, inv_d, off = cos2_terms(gram, eps)
         # ∂/∂G_eν = 2 G_eν / (d_e d_ν) off the diagonal; ∂/∂d_e = -2 Σ_ν ratio_eν / d_e (both orders),
@@ -100,19 +114,19 @@ class RowSpecialization(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        positions, d_gram, *rows = ctx.saved_tensors
+        positions, d_gram, *rows = ctx.saved_tensors  # positions: the slot sources on the Triton path
         num_tokens, slots = d_gram.shape[0], ctx.slots
-        z = _token_rows(positions, num_tokens, slots, ctx.complete, rows, d_gram.dtype)
-        d_z = z.new_empty(num_tokens * slots + 1, z.shape[-1])
-        d_z[-1] = 0.0  # the trash row's gradient
-        # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric); into d_z's rows
+        # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric)
         if ctx.triton:
             from megatron_moe_reg.losses.specialization_kernels import gram_backward
 
-            d_z[:-1] = gram_backward(z, d_gram, grad).view(-1, z.shape[-1])
+            d_rows = gram_backward(_joined(rows), positions, d_gram, grad, ctx.complete)
         else:
+            z = _token_rows(positions, num_tokens, slots, ctx.complete, rows, d_gram.dtype)
+            d_z = z.new_empty(num_tokens * slots + 1, z.shape[-1])
+            d_z[-1] = 0.0  # the trash row's gradient
             torch.bmm(d_gram * (2.0 * grad.to(d_gram.dtype)), z, out=d_z[:-1].view(num_tokens, slots, -1))
-        d_rows = d_z.index_select(0, positions)
+            d_rows = d_z.index_select(0, positions)
         grads = d_rows.split([r.shape[0] for r in rows]) if len(rows) > 1 else (d_rows,)
         return (None, None, None, None, None, None, *(g.to(r.dtype) for g, r in zip(grads, rows, strict=True)))
 
