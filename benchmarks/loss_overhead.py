@@ -77,27 +77,11 @@ def setup(argv):
 
     quiet_third_party_warnings()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    flags = [
-        "--config",
-        argv.config,
-        "--mock-data",
-        "--vocab-size",
-        str(argv.vocab_size),
-        "--micro-batch-size",
-        str(argv.micro_batch_size),
-        "--global-batch-size",
-        str(argv.micro_batch_size * world),
-        "--train-iters",
-        "1000",
-        "--eval-iters",
-        "0",
-        "--moe-specialization-loss-coeff",
-        "1e-3",
-        "--moe-coupling-loss-coeff",
-        "1e-3",
-        "--moe-weight-orthogonality-coeff",
-        "1e-3",
-    ]
+    flags = ["--config", argv.config, "--mock-data", "--vocab-size", str(argv.vocab_size),
+             "--micro-batch-size", str(argv.micro_batch_size), "--global-batch-size",
+             str(argv.micro_batch_size * world), "--train-iters", "1000", "--eval-iters", "0",
+             "--moe-specialization-loss-coeff", "1e-3", "--moe-coupling-loss-coeff", "1e-3",
+             "--moe-weight-orthogonality-coeff", "1e-3"]
     if argv.num_layers:
         flags += ["--num-layers", str(argv.num_layers)]
     flags += argv.flags
@@ -120,9 +104,8 @@ def run_step(ctx, data, variant: str) -> float:
 
     sp, cp, orth, measure, max_tokens = VARIANTS[variant]
     regs = ctx.regularizers
-    regs.set_coefficients(
-        {"moe_specialization_loss_coeff": sp, "moe_coupling_loss_coeff": cp, "moe_weight_orthogonality_coeff": orth}
-    )
+    regs.set_coefficients({"moe_specialization_loss_coeff": sp, "moe_coupling_loss_coeff": cp,
+                           "moe_weight_orthogonality_coeff": orth})
     regs.components["specialization"].set_max_tokens(max_tokens)
     regs.begin_step(1, StepPlan(measure=measure, log=False))
     gc.collect()
@@ -154,11 +137,11 @@ def bootstrap_interval(values: list[float], samples: int = 2000, seed: int = 0) 
 
 def timed_pair(ctx, data, variant: str, rng: random.Random) -> tuple[float, float]:
     """(variant's step time, its paired "off" step time), the two in random order."""
-    first_off = rng.random() < 0.5
-    off = run_step(ctx, data, "off") if first_off else None
+    if rng.random() < 0.5:
+        off = run_step(ctx, data, "off")
+        return run_step(ctx, data, variant), off
     measured = run_step(ctx, data, variant)
-    off = off if first_off else run_step(ctx, data, "off")
-    return measured, off
+    return measured, run_step(ctx, data, "off")
 
 
 def comm_floor(ctx, cfg, dispatcher: str) -> float:
@@ -220,14 +203,8 @@ def memory_probe(ctx, data, variant: str) -> dict:
 
 
 def common_args(argv) -> list[str]:
-    out = [
-        "--config",
-        argv.config,
-        "--vocab-size",
-        str(argv.vocab_size),
-        "--micro-batch-size",
-        str(argv.micro_batch_size),
-    ]
+    out = ["--config", argv.config, "--vocab-size", str(argv.vocab_size), "--micro-batch-size",
+           str(argv.micro_batch_size)]
     out += ["--num-layers", str(argv.num_layers)] if argv.num_layers else []
     return out + (["--", *argv.flags] if argv.flags else [])
 
@@ -248,15 +225,8 @@ def main() -> None:
     argv = p.parse_args()
     argv.flags = [f for f in argv.flags if f != "--"]
     if argv.ep > 1 and "WORLD_SIZE" not in os.environ:  # run itself in argv.ep processes
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={argv.ep}",
-            __file__,
-            *sys.argv[1:],
-        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={argv.ep}",
+               __file__, *sys.argv[1:]]
         sys.exit(subprocess.run(cmd).returncode)
     from megatron_moe_reg.training.data import make_loader
 
@@ -289,9 +259,8 @@ def main() -> None:
     memory = {}
     if argv.ep == 1 and not argv.no_memory:
         for v in ["off", *names]:
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-probe", v, *common_args(argv)], capture_output=True, text=True
-            )
+            out = subprocess.run([sys.executable, __file__, "--memory-probe", v, *common_args(argv)],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"memory probe {v} failed ({out.returncode}):\n{out.stderr[-3000:]}")
             memory[v] = json.loads(out.stdout.strip().splitlines()[-1])

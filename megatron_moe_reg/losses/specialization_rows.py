@@ -115,13 +115,13 @@ class RowSpecialization(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         positions, d_gram, *rows = ctx.saved_tensors  # positions: the slot sources on the Triton path
-        num_tokens, slots = d_gram.shape[0], ctx.slots
         # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric)
         if ctx.triton:
             from megatron_moe_reg.losses.specialization_kernels import gram_backward
 
             d_rows = gram_backward(_joined(rows), positions, d_gram, grad, ctx.complete)
         else:
+            num_tokens, slots = d_gram.shape[0], ctx.slots
             z = _token_rows(positions, num_tokens, slots, ctx.complete, rows, d_gram.dtype)
             d_z = z.new_empty(num_tokens * slots + 1, z.shape[-1])
             d_z[-1] = 0.0  # the trash row's gradient
