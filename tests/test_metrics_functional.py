@@ -22,11 +22,14 @@ def test_routing_entropy_uniform_collapsed_and_two_point():
     assert float(metrics.routing_entropy(mixed, torch.tensor([True, False]))) == pytest.approx(1.0)
 
 
-def test_router_distribution_softmax_and_sigmoid():
+def test_router_distribution_of_every_score_function():
     logits = torch.tensor([[0.0, math.log(3.0)]])
     assert metrics.router_distribution(logits)[0].tolist() == pytest.approx([0.25, 0.75])
     s = torch.sigmoid(logits.double())
     assert metrics.router_distribution(logits, "sigmoid").tolist()[0] == pytest.approx((s / s.sum()).tolist()[0])
+    s = torch.nn.functional.softplus(logits.double()).sqrt()  # Megatron 0.19's sqrtsoftplus scores
+    found = metrics.router_distribution(logits, "sqrtsoftplus")
+    assert found.dtype == torch.float64 and found[0].tolist() == pytest.approx((s / s.sum())[0].tolist())
 
 
 def test_load_statistics_by_hand():

@@ -72,14 +72,6 @@ def _launch_shape(slots: int, width: int) -> tuple[int, int]:
     return sp, min(triton.next_power_of_2(width), max(16, 1024 // sp))
 
 
-def slot_sources(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """``source[p]``: the row placed at slot p (``positions[row] = p``), -1 where none is; rows at
-    ``num_slots`` (dropped) fill no slot. int64 [num_slots]."""
-    source = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=positions.device)
-    source.scatter_(0, positions, torch.arange(positions.numel(), device=positions.device))
-    return source[:num_slots]
-
-
 def gram_terms(
     rows: torch.Tensor, source: torch.Tensor, weights: torch.Tensor, slots: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ Backward (inferred, by the chain rule): ∂R/∂G_i = 2 w_i G_i ⊙ (1 - I); ∂
 ∂R/∂z = (∂R/∂ẑ - ẑ (ẑ · ∂R/∂ẑ)) / ‖z‖ where ‖z‖ > ε, and ∂R/∂ẑ / ε elsewhere.
 
 Saved for backward: the rows themselves (tensors the experts already keep for their own backward,
-so no new storage), the positions (one integer per row; the Triton path, one per slot) and ∂R/∂G
-(S x S per token); Z is placed again in backward. Math in fp32 (fp64 inputs stay fp64). No
+so no new storage), each row's slot and each slot's row (one integer per row and per slot) and
+∂R/∂G (S x S per token); Z is gathered again in backward. Math in fp32 (fp64 inputs stay fp64). No
 host-device synchronization. Without gradient (a log-step measurement with the coefficient 0) the
 value is computed alone and nothing is kept. The Triton path reads the rows where they are, through
 each slot's row index, and writes their gradient in place: no placed copy of Z in either direction.
@@ -34,16 +34,12 @@ def _compute_dtype(rows) -> torch.dtype:
     return torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
 
 
-def _placed(rows, positions: torch.Tensor, num_slots: int, dtype, complete: bool) -> torch.Tensor:
-    """[num_slots, F]: each row copied once into its slot (``num_slots`` is a trash row, dropped),
-    zeros in empty slots. ``complete``: every slot gets exactly one row (dropless, no subsample)."""
-    fill = torch.empty if complete else torch.zeros
-    z = fill(num_slots + 1, rows[0].shape[-1], dtype=dtype, device=rows[0].device)
-    start = 0
-    for chunk in rows:
-        z.index_copy_(0, positions[start : start + chunk.shape[0]], chunk.to(dtype))
-        start += chunk.shape[0]
-    return z[:num_slots]
+def slot_sources(positions: torch.Tensor, num_slots: int, empty: int = -1) -> torch.Tensor:
+    """``source[p]``: the row placed at slot p (``positions[row] = p``), ``empty`` where none is; rows
+    at ``num_slots`` (dropped) fill no slot. int64 [num_slots]."""
+    source = torch.full((num_slots + 1,), empty, dtype=torch.int64, device=positions.device)
+    source.scatter_(0, positions, torch.arange(positions.numel(), device=positions.device))
+    return source[:num_slots]
 
 
 def use_triton(kernel: str, rows) -> bool:
@@ -57,23 +53,31 @@ def use_triton(kernel: str, rows) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _token_rows(positions, num_tokens: int, slots: int, complete: bool, rows, dtype=None) -> torch.Tensor:
-    """Z [T, S, F] in the compute dtype (or ``dtype``)."""
-    dtype = dtype or _compute_dtype(rows)
-    return _placed(rows, positions, num_tokens * slots, dtype, complete).view(num_tokens, slots, -1)
-
-
-def _joined(rows) -> torch.Tensor:
-    """The chunks as one [N, F] tensor (no copy for one chunk); a common dtype."""
-    if len(rows) == 1:
-        return rows[0]
+def _joined(rows, zero_row: bool = False) -> torch.Tensor:
+    """The chunks as one [N, F] tensor (no copy for one chunk), in a common dtype; ``zero_row``
+    appends a zero row (index N)."""
+    parts = [*rows, rows[0].new_zeros(1, rows[0].shape[-1])] if zero_row else list(rows)
+    if len(parts) == 1:
+        return parts[0]
     dtype = rows[0].dtype if all(r.dtype == rows[0].dtype for r in rows) else _compute_dtype(rows)
-    return torch.cat([r.to(dtype) for r in rows])
+    return torch.cat([r.to(dtype) for r in parts])
+
+
+def _torch_sources(positions, num_tokens: int, slots: int, rows) -> torch.Tensor:
+    """Each slot's row for ``_token_rows``: N (the appended zero row) where a slot is empty."""
+    return slot_sources(positions, num_tokens * slots, empty=sum(r.shape[0] for r in rows))
+
+
+def _token_rows(source, num_tokens: int, slots: int, complete: bool, rows, dtype=None) -> torch.Tensor:
+    """Z [T, S, F] in the compute dtype (or ``dtype``): each slot's row gathered (one index_select;
+    a scatter into a zero-filled buffer is several times slower on CPU), zeros in empty slots."""
+    z = _joined(rows, zero_row=not complete).index_select(0, source)
+    return z.to(dtype or _compute_dtype(rows)).view(num_tokens, slots, -1)
 
 
 def _triton_terms(positions, weights, slots, eps, rows):
     """(per-token terms, w-weighted ∂R/∂G, slot sources) from the fused kernels."""
-    from megatron_moe_reg.losses.specialization_kernels import gram_terms, slot_sources
+    from megatron_moe_reg.losses.specialization_kernels import gram_terms
 
     source = slot_sources(positions, weights.shape[0] * slots)
     per_token, d_gram = gram_terms(_joined(rows), source, weights, slots, eps)
@@ -85,7 +89,8 @@ def _measured_value(positions, weights, slots, eps, complete, kernel, rows) -> t
     if use_triton(kernel, rows):
         per_token, _, _ = _triton_terms(positions, weights, slots, eps, rows)
         return per_token @ weights.to(per_token.dtype)
-    z = _token_rows(positions, weights.shape[0], slots, complete, rows)
+    source = _torch_sources(positions, weights.shape[0], slots, rows)
+    z = _token_rows(source, weights.shape[0], slots, complete, rows)
     ratio, _, _ = cos2_terms(z @ z.transpose(1, 2), eps)
     return ratio.sum(dim=(1, 2)) @ weights.to(z.dtype)
 
@@ -98,9 +103,10 @@ class RowSpecialization(torch.autograd.Function):
         ctx.slots, ctx.complete, ctx.triton = slots, complete, use_triton(kernel, rows)
         if ctx.triton:  # one fused pass over each token's rows (losses.specialization_kernels)
             per_token, d_gram, source = _triton_terms(positions, weights, slots, eps, rows)
-            ctx.save_for_backward(source, d_gram, *rows)
+            ctx.save_for_backward(positions, source, d_gram, *rows)
             return per_token @ weights.to(per_token.dtype)
-        z = _token_rows(positions, weights.shape[0], slots, complete, rows)
+        source = _torch_sources(positions, weights.shape[0], slots, rows)
+        z = _token_rows(source, weights.shape[0], slots, complete, rows)
         dtype = z.dtype
         gram = z @ z.transpose(1, 2)
         ratio, inv_d, off = cos2_terms(gram, eps)
@@ -109,20 +115,20 @@ class RowSpecialization(torch.autograd.Function):
         d_gram = 2.0 * gram * off * inv_d.unsqueeze(2) * inv_d.unsqueeze(1)
         d_diag = -2.0 * ratio.sum(dim=2) * inv_d * (gram.diagonal(dim1=1, dim2=2) > eps * eps)
         d_gram = (d_gram + torch.diag_embed(d_diag)) * weights.to(dtype).view(-1, 1, 1)
-        ctx.save_for_backward(positions, d_gram, *rows)
+        ctx.save_for_backward(positions, source, d_gram, *rows)
         return ratio.sum(dim=(1, 2)) @ weights.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        positions, d_gram, *rows = ctx.saved_tensors  # positions: the slot sources on the Triton path
+        positions, source, d_gram, *rows = ctx.saved_tensors
         # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric)
         if ctx.triton:
             from megatron_moe_reg.losses.specialization_kernels import gram_backward
 
-            d_rows = gram_backward(_joined(rows), positions, d_gram, grad, ctx.complete)
+            d_rows = gram_backward(_joined(rows), source, d_gram, grad, ctx.complete)
         else:
             num_tokens, slots = d_gram.shape[0], ctx.slots
-            z = _token_rows(positions, num_tokens, slots, ctx.complete, rows, d_gram.dtype)
+            z = _token_rows(source, num_tokens, slots, ctx.complete, rows, d_gram.dtype)
             d_z = z.new_empty(num_tokens * slots + 1, z.shape[-1])
             d_z[-1] = 0.0  # the trash row's gradient
             torch.bmm(d_gram * (2.0 * grad.to(d_gram.dtype)), z, out=d_z[:-1].view(num_tokens, slots, -1))

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from megatron_moe_reg.losses.coupling import routing_distribution
+
 LOAD_STATISTICS = ("load_min", "load_max", "load_std", "load_cv", "load_max_violation", "dead_experts", "load_entropy")
 
 
@@ -89,9 +91,6 @@ def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 95)) -> dict
 
 
 def router_distribution(logits_TE: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:
-    """The router's full distribution over experts: softmax of the logits, or normalized sigmoid scores."""
-    logits = logits_TE.double()
-    if score_function == "sigmoid":
-        s = torch.sigmoid(logits)
-        return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
-    return torch.softmax(logits, dim=-1)
+    """The router's full distribution over experts in fp64, for any score function
+    (``losses.coupling.routing_distribution``: softmax, or normalized sigmoid / sqrtsoftplus scores)."""
+    return routing_distribution(logits_TE.double(), score_function)
