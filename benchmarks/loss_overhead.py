@@ -24,7 +24,7 @@ measured steps also the routing entropy and the router geometry).
 With ``--ep 2`` the benchmark runs itself in two processes (expert parallelism, ``--dispatcher``
 alltoall or allgather) and also times the floor of R_sp's exact communication alone: per MoE
 layer and micro-batch, forward and backward, an all-to-all of k x F values per token (alltoall) or
-the reduce-scatter and all-gather of the [group tokens x k x F] buffer (allgather).
+of the [group tokens x k x F] buffer (allgather: the bytes of a reduce-scatter of it).
 
 Memory (one process): the bytes autograd keeps for backward during a step (unique storages, via
 ``torch.autograd.graph.saved_tensors_hooks``) and, on GPU, the allocator's peak, each measured in a
@@ -157,19 +157,13 @@ def comm_floor(ctx, cfg, dispatcher: str) -> float:
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     calls = len(ctx.regularizers.components["specialization"].probes) * cfg.num_microbatches
     device = metrics_device()
+    rows = torch.randn((world if dispatcher == "allgather" else 1) * tokens * k, width, dtype=dtype, device=device)
+    out = torch.empty_like(rows)
     _sync()
     t0 = time.perf_counter()
-    for _ in range(calls):
-        if dispatcher == "alltoall":
-            rows = torch.randn(tokens * k, width, dtype=dtype, device=device)
-            out = torch.empty_like(rows)
-            dist.all_to_all_single(out, rows)  # forward: rows back to their owners
-            dist.all_to_all_single(rows, out)  # backward: their gradients out again
-        else:
-            buffer = torch.randn(world * tokens * k, width, dtype=dtype, device=device)
-            mine = buffer.new_empty(tokens * k, width)
-            dist.reduce_scatter_tensor(mine, buffer)  # forward
-            dist.all_gather_into_tensor(buffer, mine)  # backward
+    for _ in range(calls):  # alltoall: rows back to their owners; allgather: the buffer summed onto them
+        dist.all_to_all_single(out, rows)  # forward
+        dist.all_to_all_single(rows, out)  # backward: the gradients out again
     _sync()
     return time.perf_counter() - t0
 

@@ -204,24 +204,44 @@ def combine_rows(dispatcher, rows):
     return all_to_all(dispatcher.ep_group, rows, dispatcher.input_splits, dispatcher.output_splits)
 
 
-def dispatch_rows(dispatcher, values):
+def start_dispatch_rows(dispatcher, values):
     """A per-row tensor in a source rank's permuted order -> the experts' order, as the dispatch
     moved the tokens (alltoall dispatcher): expert-parallel all-to-all, tensor-parallel gather,
-    sort by local expert, with the dispatcher's split sizes. For small integer metadata."""
-    from megatron.core.tensor_parallel.mappings import all_to_all, gather_from_sequence_parallel_region
+    sort by local expert, with the dispatcher's split sizes. For small integer metadata (no
+    gradient). The all-to-all starts now and runs while the caller computes; calling the result
+    waits for it and returns the values in the experts' order."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
     from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 
-    out = all_to_all(dispatcher.ep_group, values, dispatcher.output_splits, dispatcher.input_splits)
-    if dispatcher.tp_size > 1:
-        splits = dispatcher.output_splits_tp
-        out = gather_from_sequence_parallel_region(
-            out, group=dispatcher.tp_group, output_split_sizes=None if splits is None else splits.tolist()
+    work, out = None, values
+    if dispatcher.ep_group.size() > 1:
+        out = values.new_empty(int(sum(dispatcher.output_splits)), *values.shape[1:])
+        work = dist.all_to_all_single(
+            out,
+            values.contiguous(),
+            output_split_sizes=dispatcher.output_splits,
+            input_split_sizes=dispatcher.input_splits,
+            group=dispatcher.ep_group,
+            async_op=True,
         )
-    if dispatcher.num_local_experts > 1:
-        out, _ = sort_chunks_by_idxs(
-            out, dispatcher.num_global_tokens_per_local_expert.ravel(), dispatcher.sort_input_by_local_experts
-        )
-    return out
+
+    def finish():
+        rows = out
+        if work is not None:
+            work.wait()
+        if dispatcher.tp_size > 1:
+            splits = dispatcher.output_splits_tp
+            rows = gather_from_sequence_parallel_region(
+                rows, group=dispatcher.tp_group, output_split_sizes=None if splits is None else splits.tolist()
+            )
+        if dispatcher.num_local_experts > 1:
+            rows, _ = sort_chunks_by_idxs(
+                rows, dispatcher.num_global_tokens_per_local_expert.ravel(), dispatcher.sort_input_by_local_experts
+            )
+        return rows
+
+    return finish
 
 
 def dispatcher_source_rows(dispatcher) -> int:

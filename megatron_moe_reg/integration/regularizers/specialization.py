@@ -20,18 +20,19 @@ each token's rows meet on the rank that owns the token:
    - alltoall: the dispatcher's own un-sort and ETP reduce-scatter, then the EP all-to-all with its
      split sizes (``compat.combine_rows``): the rows travel as Megatron's combine moves its output;
    - allgather: each rank scatters its rows into a [group tokens x k] buffer at (token, slot) and
-     one reduce-scatter over the TP x EP group (Megatron's own combine collective) sums them onto
-     the owners; the routing map is gathered (bools, no gradient) for the slots, as the dispatch does;
+     the buffer is summed onto the owners over the TP x EP group (a reduce-scatter, the volume of
+     Megatron's own combine, done as one equal-split all-to-all and a local sum); the routing map
+     is gathered (bools, no gradient) for the slots, as the dispatch does;
    - ``--moe-specialization-max-tokens N``: only the sampled tokens' rows travel, through the same
-     buffer and reduce-scatter (alltoall: the owners first send each row's buffer index, one
-     integer per row, along the dispatch's split sizes).
+     buffer and sum (alltoall: the owners send each row's buffer index, one integer per row, along
+     the dispatch's split sizes, asynchronously while the experts compute).
 4. loss and attachment: ``losses.specialization_rows`` (a Gram autograd function that saves the
    rows, their positions and the token weights, and recomputes Ẑ and the Gram in backward),
    attached to the experts' output with Megatron's aux-loss scale semantics
    (``aux_loss.attach_to_experts_output``); gradients flow back through the same collectives.
 
 Extra communication per MoE layer and micro-batch under EP/ETP, forward and backward: the k x F
-values per token (alltoall), or the reduce-scatter of the [group tokens x k x F] buffer (allgather:
+values per token (alltoall), or the [group tokens x k x F] buffer summed onto the owners (allgather:
 the volume of Megatron's own combine at width k x F). Computed only in calls with gradients
 enabled, so activation recompute counts each micro-batch once; a measure-only step computes it
 without gradient.
@@ -43,20 +44,16 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.mappings import (
-    all_to_all_hp2sp,
-    gather_from_sequence_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import all_to_all, all_to_all_hp2sp, gather_from_sequence_parallel_region
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from megatron_moe_reg.integration.megatron.aux_loss import attach_to_experts_output
 from megatron_moe_reg.integration.megatron.compat import (
     combine_rows,
-    dispatch_rows,
     dispatcher_kind,
     dispatcher_source_rows,
+    start_dispatch_rows,
 )
 from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
 from megatron_moe_reg.integration.regularizers.token_sample import TokenSample, sample_count, token_sample
@@ -108,6 +105,16 @@ def _place(index: torch.Tensor, slot: torch.Tensor, base, stride: int, dropped: 
     return torch.where(index >= 0, (base + index) * stride + slot, torch.full_like(index, dropped))
 
 
+def _summed_at_owners(buffer: torch.Tensor, group) -> torch.Tensor:
+    """[group x m, F] on every rank -> [m, F] on each: the sum over ranks of their block for this
+    rank, as a reduce-scatter, by one equal-split all-to-all and a local sum (the same bytes on the
+    wire as a ring reduce-scatter; several times faster than gloo's reduce-scatter). Each value
+    is written by at most one rank (the others hold zeros), so the sum is exact. Differentiable
+    (the backward is an all-to-all)."""
+    received = all_to_all(group, buffer)
+    return received.view(group.size(), -1, buffer.shape[-1]).sum(dim=0)
+
+
 class SpecializationProbe:
     """R_sp of one MoE layer: capture, return to owners, loss, attachment and logging."""
 
@@ -148,6 +155,7 @@ class SpecializationProbe:
         self._cache: dict = {}
         self._rows: list[torch.Tensor] = []
         self._shared_rows: torch.Tensor | None = None
+        self._pending_targets = None  # the sampled rows' buffer targets, in flight to the experts
         recompute_act = "moe_act" in (self.config.recompute_modules or [])
         if hasattr(self.experts, "register_activation_hook"):  # grouped GEMM experts hand z over
             self.handles = [self.experts.register_activation_hook(self._capture_activation)]
@@ -156,6 +164,7 @@ class SpecializationProbe:
         else:
             fc2 = _expert_modules(self.experts, "fc2")
             self.handles = [m.register_forward_pre_hook(self._capture_fc2_input) for m in fc2]
+        self.handles.append(self.experts.register_forward_pre_hook(self._before_experts))
         self.handles.append(self.experts.register_forward_hook(self._after_experts))
         if include_shared:
             shared = moe_layer.shared_experts
@@ -221,6 +230,16 @@ class SpecializationProbe:
         return self._cache[key]
 
     # ------------------------------------------------------------------ loss
+    def _before_experts(self, module, args) -> None:
+        """alltoall with a token sample: the owners send their rows' buffer targets now, so the
+        all-to-all runs while the experts compute (``_buffer_targets`` waits for it)."""
+        self._pending_targets = None
+        if not (self.active and self.kind == "alltoall" and self.group_size > 1):
+            return
+        routing = self.router.moe_reg_last_routing
+        if self._sample(routing.num_tokens, self.tp_rank, routing.routing_map.device) is not None:
+            self._pending_targets = start_dispatch_rows(self.dispatcher, self._owner_targets(routing))
+
     def _after_experts(self, module, inputs, output):
         if not self.active:
             return None
@@ -259,7 +278,7 @@ class SpecializationProbe:
         """(row chunks, their positions, token weights) on the rank that owns the tokens."""
         sample = self._sample(routing.num_tokens, self.tp_rank, keep.device)
         if self.group_size > 1 and (self.kind == "allgather" or sample is not None):
-            return self._reduce_scattered(torch.cat(chunks), routing, keep, sample)
+            return self._summed_buffer(torch.cat(chunks), routing, keep, sample)
         if self.group_size > 1:  # alltoall, every token: the rows come back as Megatron's combine
             chunks = [combine_rows(self.dispatcher, self._full_width(torch.cat(chunks)))]
         num_rows = sum(c.shape[0] for c in chunks)
@@ -287,15 +306,15 @@ class SpecializationProbe:
         width = rows.shape[-1]
         return torch.nn.functional.pad(rows, (self.shard * width, (self.num_shards - 1 - self.shard) * width))
 
-    def _reduce_scattered(self, rows, routing, keep, sample: TokenSample | None):
-        """Rows scattered into a [group x block x k] buffer, reduce-scattered onto their owners."""
+    def _summed_buffer(self, rows, routing, keep, sample: TokenSample | None):
+        """Rows scattered into a [group x block x k] buffer, summed onto their owners."""
         num_tokens, k = routing.num_tokens, self.k
         block = self._block(num_tokens)
         target = self._buffer_targets(rows.shape[0], routing, block)
         buffer = rows.new_zeros(self.group_size * block * k + 1, self.num_shards, rows.shape[-1])
-        buffer = buffer.index_put((target, torch.full_like(target, self.shard)), rows)
+        buffer.index_put_((target, torch.full_like(target, self.shard)), rows)  # a fresh buffer: in place
         buffer = buffer[:-1].reshape(self.group_size * block * k, -1)
-        mine = reduce_scatter_to_sequence_parallel_region(buffer, group=self.group)  # [block * k, F]
+        mine = _summed_at_owners(buffer, self.group)  # [block * k, F]
         device = mine.device
         positions = torch.arange(block, device=device)[:, None] * self.slots + torch.arange(k, device=device)
         if sample is None:
@@ -309,11 +328,9 @@ class SpecializationProbe:
         one past the buffer drops a row."""
         k, num_tokens = self.k, routing.num_tokens
         trash = self.group_size * block * k
-        if self.kind == "alltoall":  # the owners name their rows' targets, sent as the tokens were
-            token, expert = permuted_pairs(routing.routing_map, dispatcher_source_rows(self.dispatcher))
-            slot = slot_of(routing.routing_map, token, expert)
-            index = self._token_index(num_tokens, self.tp_rank, token.device)[token]
-            return dispatch_rows(self.dispatcher, _place(index, slot, self.my_index * block, k, trash))
+        if self.kind == "alltoall":  # the owners named their rows' targets, sent as the tokens were
+            pending, self._pending_targets = self._pending_targets, None
+            return (pending or start_dispatch_rows(self.dispatcher, self._owner_targets(routing)))()
         with torch.no_grad():  # allgather: the group's routing map, gathered as the dispatch does
             group_map = gather_from_sequence_parallel_region(routing.routing_map, group=self.group)
         local_map = group_map[:, self.local_offset : self.local_offset + self.num_local_experts]
@@ -322,6 +339,16 @@ class SpecializationProbe:
         owner, local = token // num_tokens, token % num_tokens
         index = self._group_token_index(num_tokens, token.device)[owner, local]
         return _place(index, slot, owner * block, k, trash)
+
+    def _owner_targets(self, routing) -> torch.Tensor:
+        """alltoall: the group-buffer index of each row this rank's tokens sent to the experts, in
+        the dispatcher's permuted order (one past the buffer: a token outside the sample)."""
+        k, num_tokens = self.k, routing.num_tokens
+        block = self._block(num_tokens)
+        token, expert = permuted_pairs(routing.routing_map, dispatcher_source_rows(self.dispatcher))
+        slot = slot_of(routing.routing_map, token, expert)
+        index = self._token_index(num_tokens, self.tp_rank, token.device)[token]
+        return _place(index, slot, self.my_index * block, k, self.group_size * block * k)
 
     def _group_token_index(self, num_tokens: int, device) -> torch.Tensor:
         """[group, tokens]: ``_token_index`` of every member of the dispatch group."""
