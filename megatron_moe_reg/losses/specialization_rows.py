@@ -103,7 +103,7 @@ class RowSpecialization(torch.autograd.Function):
         ctx.slots, ctx.complete, ctx.triton = slots, complete, use_triton(kernel, rows)
         if ctx.triton:  # one fused pass over each token's rows (losses.specialization_kernels)
             per_token, d_gram, source = _triton_terms(positions, weights, slots, eps, rows)
-            ctx.save_for_backward(positions, source, d_gram, *rows)
+            ctx.save_for_backward(None, source, d_gram, *rows)  # the kernels need no row -> slot map
             return per_token @ weights.to(per_token.dtype)
         source = _torch_sources(positions, weights.shape[0], slots, rows)
         z = _token_rows(source, weights.shape[0], slots, complete, rows)
@@ -120,7 +120,7 @@ class RowSpecialization(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        positions, source, d_gram, *rows = ctx.saved_tensors
+        positions, source, d_gram, *rows = ctx.saved_tensors  # positions: None on the Triton path
         # ∂/∂Z = (∂G + ∂Gᵀ) Z = 2 ∂G Z (∂G is symmetric)
         if ctx.triton:
             from megatron_moe_reg.losses.specialization_kernels import gram_backward

@@ -326,11 +326,11 @@ class SpecializationProbe:
     def _buffer_targets(self, num_rows: int, routing, block: int) -> torch.Tensor:
         """Each expert-side row's index in the group buffer ((owner x block + token) x k + slot);
         one past the buffer drops a row."""
-        k, num_tokens = self.k, routing.num_tokens
-        trash = self.group_size * block * k
         if self.kind == "alltoall":  # the owners named their rows' targets, sent as the tokens were
             pending, self._pending_targets = self._pending_targets, None
             return (pending or start_dispatch_rows(self.dispatcher, self._owner_targets(routing)))()
+        k, num_tokens = self.k, routing.num_tokens
+        trash = self.group_size * block * k
         with torch.no_grad():  # allgather: the group's routing map, gathered as the dispatch does
             group_map = gather_from_sequence_parallel_region(routing.routing_map, group=self.group)
         local_map = group_map[:, self.local_offset : self.local_offset + self.num_local_experts]
