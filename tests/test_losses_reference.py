@@ -166,12 +166,10 @@ def test_padding_tokens_are_left_out(ctx):
     """An MoE layer called with a padding mask: R_sp over the non-padded tokens only."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_moe_reg.integration.megatron.tracker import get_tracker
-
     layer = next(m for m in ctx.gpt_model.modules() if isinstance(m, MoELayer))
     regs = ctx.regularizers
     regs.begin_step(1, StepPlan(measure=True))
-    get_tracker().clear()
+    regs.tracker.clear()
     fc1_rows = []
     hooks = [e.linear_fc1.register_forward_hook(lambda m, a, o: fc1_rows.append(o[0]))
              for e in layer.experts.local_experts]
@@ -191,7 +189,7 @@ def test_padding_tokens_are_left_out(ctx):
         z = z.index_put((tokens, slot[tokens]), (F.silu(gate) * up).detach())
         slot[tokens] += 1
     keep = ~padding.transpose(0, 1).reshape(-1)
-    got = get_tracker().report(["specialization_loss"], layer.config.num_layers, 1)
+    got = regs.tracker.report(["specialization_loss"], layer.config.num_layers, 1)
     regs.begin_step(1, StepPlan())
     assert keep.sum() == 9
     assert got["specialization_loss"] == pytest.approx(specialization_loss(z, keep).item(), rel=1e-5)

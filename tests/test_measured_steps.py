@@ -13,20 +13,23 @@ from helpers import SMALL_MODEL_STYLE
 LAYERS = 3
 
 
-@pytest.fixture(scope="module")
-def ctx():
+def _setup(layers: int, *flags: str):
     from megatron_moe_reg.training import trainer
     from megatron_moe_reg.training.arguments import parse_args
 
-    cfg = parse_args([*SMALL_MODEL_STYLE, "--mock-data", "--vocab-size", "128", "--num-layers", str(LAYERS),
+    cfg = parse_args([*SMALL_MODEL_STYLE, "--mock-data", "--vocab-size", "128", "--num-layers", str(layers),
                       "--hidden-size", "32", "--num-attention-heads", "4", "--num-experts", "4",
                       "--moe-ffn-hidden-size", "24", "--moe-router-topk", "2", "--seq-length", "16",
                       "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "10",
                       "--lr-warmup-iters", "0", "--moe-metrics-interval", "2", "--moe-metrics-sample-tokens", "8",
-                      "--moe-weight-orthogonality-coeff", "0.1", "--moe-weight-orthogonality-weights", "fc2"],
-                     world_size=1)
-    context = trainer.setup(cfg)
-    yield context
+                      "--moe-weight-orthogonality-coeff", "0.1", "--moe-weight-orthogonality-weights", "fc2",
+                      *flags], world_size=1)
+    return trainer.setup(cfg)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    yield _setup(LAYERS)
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
@@ -43,7 +46,7 @@ def _step(ctx, plan: StepPlan, coefficients: dict[str, float] | None = None) -> 
     regs = ctx.regularizers
     regs.set_coefficients(coefficients or {"moe_specialization_loss_coeff": 0.0})
     layers = [m for m in ctx.gpt_model.modules() if isinstance(m, MoELayer)]
-    routers = [layer.router.weight.detach().double().clone() for layer in layers]
+    routers = [layer.router.penalty_matrix().detach().double().clone() for layer in layers]
     experts = [[w.detach().clone() for w in local_expert_weights(layer.experts, "fc1")] for layer in layers]
     regs.begin_step(1, plan)
     train_step(ctx, iter(make_loader(ctx.datasets[0], ctx.cfg)))
@@ -97,3 +100,17 @@ def test_specialization_measured_without_gradient_equals_the_loss(ctx):
     assert keys and keys == _layer_keys(trained, "specialization_loss")
     for key in keys:
         assert measured[key] == pytest.approx(trained[key], rel=1e-6)
+
+
+def test_a_second_model_in_the_same_process_reports_its_own_layers(ctx):
+    """Each installed model keeps its own metrics, sized by its own layer count: a model built later
+    in the process, with fewer layers and a metric the first does not record (an eigenbasis
+    router's basis error), neither sees nor breaks the first one's."""
+    _step(ctx, StepPlan(measure=True))
+    other = _setup(LAYERS - 1, "--moe-router-type", "ermoe")
+    values, _, _ = _step(other, StepPlan(measure=True))
+    for name in ("router_sigma_max", "router_basis_orthonormality_error"):
+        assert _layer_keys(values, name) == {f"{name}_layer_{i}" for i in range(LAYERS - 1)}
+    values, _, _ = _step(ctx, StepPlan(measure=True))
+    assert _layer_keys(values, "router_sigma_max") == {f"router_sigma_max_layer_{i}" for i in range(LAYERS)}
+    assert not _layer_keys(values, "router_basis_orthonormality_error")

@@ -22,7 +22,7 @@ from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import flag_name
 from megatron_moe_reg.integration.megatron import compat
 from megatron_moe_reg.integration.megatron.modules import moe_layers, unwrap
-from megatron_moe_reg.integration.megatron.tracker import PluginMetricsTracker, get_tracker
+from megatron_moe_reg.integration.megatron.tracker import PluginMetricsTracker
 from megatron_moe_reg.integration.regularizers import REGULARIZERS, InstallContext, Regularizer, StepPlan
 from megatron_moe_reg.routers import router_class
 from megatron_moe_reg.routers.base import PluginRouterMixin
@@ -106,7 +106,7 @@ class Regularizers:
 
     def __init__(self, model_chunks: list, plugin: PluginConfig, policy: StepPolicy):
         self.plugin, self.policy = plugin, policy
-        self.tracker: PluginMetricsTracker = get_tracker()
+        self.tracker = PluginMetricsTracker()  # this model's metrics (sized by its layer count)
         chunks = [unwrap(c) for c in model_chunks]
         layers = [layer for c in chunks for layer in moe_layers(c)]
         self.config = chunks[0].config

@@ -127,13 +127,3 @@ class PluginMetricsTracker:
         for entry in self._entries.values():
             entry.values.zero_()
             entry.counts = [0] * len(entry.counts)
-
-
-_TRACKER: PluginMetricsTracker | None = None
-
-
-def get_tracker() -> PluginMetricsTracker:
-    global _TRACKER
-    if _TRACKER is None:
-        _TRACKER = PluginMetricsTracker()
-    return _TRACKER
