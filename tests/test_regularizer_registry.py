@@ -11,7 +11,6 @@ import torch
 
 from megatron_moe_reg.config import PluginConfig, coefficient
 from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
-from megatron_moe_reg.integration.megatron.tracker import get_tracker
 from megatron_moe_reg.integration.regularizers import REGULARIZERS, InstallContext, RegularizerBase, StepPlan
 
 from helpers import SMALL_MODEL_STYLE, read_metrics
@@ -119,7 +118,6 @@ def test_a_registered_toy_regularizer_trains_and_is_reported(tmp_path, monkeypat
         trainer.train(ctx)
     finally:
         parallel_state.destroy_model_parallel()
-        get_tracker().clear()
     rows = read_metrics(tmp_path / "log.jsonl")
     assert len(rows) == 2 and all(row["toy_loss"] > 0 for row in rows)
     assert "toy_loss_layer_0" in rows[0] and "toy_loss_layer_1" in rows[0]
