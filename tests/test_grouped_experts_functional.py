@@ -1,5 +1,5 @@
 """``grouped_mlp``: the triton kernels (Triton's interpreter on CPU) and the torch._grouped_mm backend
-against the per-expert reference, forward and every gradient, in fp32."""
+against the per-expert reference, forward and every gradient, in fp32 and in bf16."""
 
 import dataclasses
 
@@ -71,6 +71,31 @@ def test_backend_matches_reference_forward_and_gradients(backend, case, with_pro
     empty = [e for e, n in enumerate(counts) if n == 0]
     for e in empty:  # an expert without rows gets zero weight gradients
         assert got[2 + 1 + e].abs().max() == 0 and got[2 + 1 + len(counts) + e].abs().max() == 0
+
+
+BF16_CASES = {"empty-and-uneven": ([5, 0, 70, 3, 0, 131], 72, 40), "k8-e16": (CASES["k8-e16"][0], 64, 40)}
+# of the fp32 reference's largest magnitude; Triton's interpreter rounds fp32 to bf16 by truncation
+# where a GPU rounds to nearest, about doubling the rounding error of the kernels' bf16 stores
+BF16_TOLERANCE = {"torch": 2e-2, "triton": 4e-2}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_bf16_backend_matches_the_fp32_reference(backend, case):
+    counts, hidden, ffn = BF16_CASES[case]
+    x, fc1, fc2, probs = _inputs(counts, hidden, ffn, True)
+    values = [t.detach().bfloat16() for t in (x, *fc1, *fc2)]  # both runs start from these bf16 values
+
+    def leaves(dtype):  # (x, fc1, fc2, probs) as ``dtype`` leaves; probs stay fp32, as the router's
+        ts = [t.to(dtype).requires_grad_() for t in values]
+        return ts[0], ts[1 : 1 + len(counts)], ts[1 + len(counts) :], probs.detach().requires_grad_()
+
+    expected = _outputs_and_grads("sequential", counts, *leaves(torch.float32))
+    got = _outputs_and_grads(backend, counts, *leaves(torch.bfloat16))
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a.dtype == (torch.float32 if i == len(got) - 1 else torch.bfloat16), (case, i, a.dtype)
+        err = (a.float() - b).abs().max().item()
+        assert err <= BF16_TOLERANCE[backend] * max(b.abs().max().item(), 1e-6), (case, i, err)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

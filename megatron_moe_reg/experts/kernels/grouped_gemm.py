@@ -25,6 +25,10 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter's tl.dot multiplies bf16 operands as their raw 16-bit patterns, so under it the
+# operands are widened to fp32 first: the same products (a bf16 product is exact in fp32) and fp32
+# accumulation, only summed in another order than on a GPU.
+_WIDEN_DOT = tl.constexpr(INTERPRETED)
 
 
 def _configs(big: list[tuple]) -> list:
@@ -40,6 +44,18 @@ _ROWS_CONFIGS = _configs(
 )
 _SWIGLU_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)])
 _WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)])
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a b with fp32 accumulation; IEEE: fp32 operands multiplied without TF32."""
+    if IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    elif _WIDEN_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit
@@ -108,16 +124,10 @@ def _rows_matmul_kernel(
         b_offs = ks[:, None] * stride_bk + cols[None, :] * stride_bn
         b_mask = k_mask[:, None] & col_mask[None, :]
         b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _dot(a, b, acc, IEEE)
         if SWIGLU:
             b_up = tl.load(b_ptr + up_offset + b_offs, mask=b_mask, other=0.0)
-            if IEEE:
-                acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = _dot(a, b_up, acc_up, IEEE)
     out_mask = row_mask[:, None] & col_mask[None, :]
     c_offs = rows[:, None] * stride_cm + cols[None, :]
     if SWIGLU:
@@ -176,10 +186,7 @@ def _wgrad_kernel(
         if ROW_SCALE:
             s = tl.load(scale_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
             b = (b.to(tl.float32) * s[:, None]).to(a_t.dtype)
-        if IEEE:
-            acc = tl.dot(a_t, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_t, b, acc)
+        acc = _dot(a_t, b, acc, IEEE)
     c_offs = e.to(tl.int64) * stride_ce + ms[:, None] * stride_cm + ns[None, :]
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
