@@ -29,9 +29,14 @@ declare -A BOX=([install]=15 [pytest]=90 [grouped_gemm]=75 [training]=80 [megatr
 # cp312 wheels the GPU machine lacks (it has torch, triton, numpy, sentencepiece, tensorboard,
 # matplotlib, pytest); Megatron-LM's megatron.training also needs six, regex, pydantic, pyyaml, einops
 PURE=(megatron-core==0.19.2 six einops pytest-timeout packaging tqdm)
-BINARY=(regex pyyaml)
+BINARY=(regex pyyaml psutil)  # psutil: megatron-core's checkpoint writer
 WITH_DEPS=(pydantic)  # resolved with its dependencies: pydantic pins its pydantic-core
 MID=(--config examples/gpu_mid.toml --mock-data --vocab-size 32768)
+# the training step's moe-reg pretrain flags: the benchmark's (it adds --mock-data and 1000 iterations
+# itself) and the watched run's (10 iterations would end the config's 10 warm-up iterations)
+BENCH=(--config examples/gpu_mid.toml --vocab-size 32768)
+WATCH=("${MID[@]}" --train-iters 20 --log-interval 5 --eval-iters 0 --moe-specialization-loss-coeff 2e-3
+       --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton)
 
 step_command() {  # the command of a step, one string (the dry run parses it)
   case $1 in
@@ -39,13 +44,11 @@ step_command() {  # the command of a step, one string (the dry run parses it)
     pytest) echo "python -m pytest -q -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
     grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json \
 && python benchmarks/gram_kernel_speed.py --rounds 5" ;;
-    training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${MID[*]:0:2} \
---vocab-size 32768 -- --moe-grouped-gemm-backend triton \
-&& python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${MID[*]:0:2} \
---vocab-size 32768 -- --moe-grouped-gemm-backend sequential \
-&& python tests/sync_watch.py ${OUT:-$ROOT}/sync ${MID[*]} --train-iters 10 --log-interval 5 --eval-iters 0 \
---moe-specialization-loss-coeff 2e-3 --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton \
-&& cat ${OUT:-$ROOT}/sync/sync_calls.json" ;;
+    training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${BENCH[*]} \
+-- --moe-grouped-gemm-backend triton \
+&& python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${BENCH[*]} \
+-- --moe-grouped-gemm-backend sequential \
+&& python tests/sync_watch.py ${OUT:-$ROOT}/sync ${WATCH[*]} && cat ${OUT:-$ROOT}/sync/sync_calls.json" ;;
     megatron_lm) echo "python -m pytest -q -m gpu tests/test_megatron_lm_addon_gpu.py" ;;
   esac
 }
@@ -70,6 +73,11 @@ prepare() {
   ls "$WHEELS"
 }
 
+check_flags() {  # moe-reg pretrain flags valid for one process (sets the dry run's status)
+  TRITON_INTERPRET=1 python -m megatron_moe_reg.cli check-config --world-size 1 "$@" \
+    || { echo "dry-run: step training: its flags do not parse: $*"; status=1; }
+}
+
 dry_run() {
   local total=0 status=0
   for step in "${STEPS[@]}"; do
@@ -81,7 +89,11 @@ dry_run() {
     total=$((total + BOX[$step]))
     echo "dry-run: $step (${BOX[$step]} s): $cmd"
   done
-  python -m megatron_moe_reg.cli check-config --world-size 1 "${MID[@]}" || status=1
+  # the pretrain flags of the training step's runs, as they will be parsed (triton checked as on a GPU)
+  local bench=(--mock-data --train-iters 1000 "${BENCH[@]}")
+  check_flags "${bench[@]}" --moe-grouped-gemm-backend triton
+  check_flags "${bench[@]}" --moe-grouped-gemm-backend sequential
+  check_flags "${WATCH[@]}"
   echo "dry-run: time boxes add up to $total s"
   if ((total > 300)); then echo "dry-run: more than five minutes"; status=1; fi
   return $status
