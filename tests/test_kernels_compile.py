@@ -2,6 +2,7 @@
 (``tests/kernel_compile_probe.py``, one process): what Triton's interpreter cannot check, code the
 compiler rejects and tiles that need more shared memory than an H100/H200 block has."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,13 +16,14 @@ SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 
 
 
 def _compiler_available() -> bool:
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
+    """Triton with ``ASTSource``, ``GPUTarget`` and its NVIDIA backend (ptxas) is installed."""
+    if importlib.util.find_spec("triton") is None:
         return False
-    return "nvidia" in getattr(triton.backends, "backends", {})
+    import triton.backends.compiler
+    import triton.compiler
+
+    return (hasattr(triton.compiler, "ASTSource") and hasattr(triton.backends.compiler, "GPUTarget")
+            and "nvidia" in getattr(triton.backends, "backends", {}))
 
 
 pytestmark = pytest.mark.skipif(not _compiler_available(), reason="needs Triton with its NVIDIA backend")
