@@ -28,7 +28,7 @@ STEPS=(install pytest grouped_gemm training megatron_lm)
 declare -A BOX=([install]=15 [pytest]=90 [grouped_gemm]=75 [training]=80 [megatron_lm]=40)  # seconds
 # cp312 wheels the GPU machine lacks (it has torch, triton, numpy, sentencepiece, tensorboard,
 # matplotlib, pytest); Megatron-LM's megatron.training also needs six, regex, pydantic, pyyaml, einops
-PURE=(megatron-core==0.19.2 six einops pytest-timeout packaging tqdm)
+PURE=(megatron-core==0.19.2 six einops pytest-timeout pytest-xdist execnet packaging tqdm)
 BINARY=(regex pyyaml psutil)  # psutil: megatron-core's checkpoint writer
 WITH_DEPS=(pydantic)  # resolved with its dependencies: pydantic pins its pydantic-core
 MID=(--config examples/gpu_mid.toml --mock-data --vocab-size 32768)
@@ -41,7 +41,9 @@ WATCH=("${MID[@]}" --train-iters 20 --log-interval 5 --eval-iters 0 --moe-specia
 step_command() {  # the command of a step, one string (the dry run parses it)
   case $1 in
     install) echo "python -m pip install -q --no-index --no-deps --target $SITE $WHEELS/*.whl" ;;
-    pytest) echo "python -m pytest -q -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
+    # four workers: the fp32 and the bf16 tests compile their Triton kernels side by side (tens of
+    # compilations of a few seconds each; the later steps find them in Triton's cache)
+    pytest) echo "python -m pytest -q -n 4 -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
     grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json \
 && python benchmarks/gram_kernel_speed.py --rounds 5" ;;
     training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${BENCH[*]} \

@@ -59,7 +59,8 @@ def _kernels(case):
         fn = gg._rows_matmul_kernel
         pointers = {"a_ptr": act, "b_table": "*i64", "c_ptr": act, "h_ptr": act, "row_offsets": "*i32",
                     "scale_ptr": scale}
-        consts = {"SWIGLU": flags == "swiglu", "ROW_SCALE": flags == "scaled", "IEEE": dt == "fp32", "E_POW2": 128}
+        consts = {"SWIGLU": flags == "swiglu", "ROW_SCALE": flags == "scaled", "IEEE": dt == "fp32",
+                  "E_POW2": gg.expert_slots(8)}
     else:
         tuner, fn = gg._wgrad, gg._wgrad_kernel
         pointers = {"a_ptr": act, "b_ptr": act, "c_ptr": act, "row_offsets": "*i32", "scale_ptr": scale}

@@ -74,7 +74,14 @@ def _row_tile(pid, row_offsets, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.c
     return e, first_tile, tl.sum(tl.where(pick, starts, 0), axis=0), tl.sum(tl.where(pick, ends, 0), axis=0)
 
 
-@triton.jit
+def expert_slots(num_experts: int) -> int:
+    """The compile-time length of the row-offset vector a row tile searches for its expert: 256 up
+    to 256 experts, then the next power of two. One length for every usual expert count, so that a
+    model's expert count selects no compilation of its own (each costs seconds per tile shape)."""
+    return max(256, triton.next_power_of_2(num_experts))
+
+
+@triton.jit(do_not_specialize=["num_experts"])  # the expert count selects no compilation either
 def _rows_matmul_kernel(
     a_ptr,
     b_table,
@@ -244,7 +251,7 @@ def rows_matmul(
         SWIGLU=swiglu,
         ROW_SCALE=row_scale is not None,
         IEEE=a.dtype == torch.float32,
-        E_POW2=triton.next_power_of_2(max(num_experts, 2)),
+        E_POW2=expert_slots(num_experts),
     )
     return c, h
 
