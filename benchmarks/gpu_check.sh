@@ -31,12 +31,13 @@ declare -A BOX=([install]=15 [pytest]=90 [grouped_gemm]=75 [training]=80 [megatr
 PURE=(megatron-core==0.19.2 six einops pytest-timeout pytest-xdist execnet packaging tqdm)
 BINARY=(regex pyyaml psutil)  # psutil: megatron-core's checkpoint writer
 WITH_DEPS=(pydantic)  # resolved with its dependencies: pydantic pins its pydantic-core
-MID=(--config examples/gpu_mid.toml --mock-data --vocab-size 32768)
-# the training step's moe-reg pretrain flags: the benchmark's (it adds --mock-data and 1000 iterations
-# itself) and the watched run's (10 iterations would end the config's 10 warm-up iterations)
+# the training step's model: the benchmark's arguments with each expert backend, and the watched
+# run's pretrain flags (10 iterations would end the config's 10 warm-up iterations)
 BENCH=(--config examples/gpu_mid.toml --vocab-size 32768)
-WATCH=("${MID[@]}" --train-iters 20 --log-interval 5 --eval-iters 0 --moe-specialization-loss-coeff 2e-3
-       --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton)
+BENCH_TRITON=("${BENCH[@]}" -- --moe-grouped-gemm-backend triton)
+BENCH_SEQUENTIAL=("${BENCH[@]}" -- --moe-grouped-gemm-backend sequential)
+WATCH=(--mock-data "${BENCH[@]}" --train-iters 20 --log-interval 5 --eval-iters 0
+       --moe-specialization-loss-coeff 2e-3 --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton)
 
 step_command() {  # the command of a step, one string (the dry run parses it)
   case $1 in
@@ -46,10 +47,8 @@ step_command() {  # the command of a step, one string (the dry run parses it)
     pytest) echo "python -m pytest -q -n 4 -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
     grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json \
 && python benchmarks/gram_kernel_speed.py --rounds 5" ;;
-    training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${BENCH[*]} \
--- --moe-grouped-gemm-backend triton \
-&& python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${BENCH[*]} \
--- --moe-grouped-gemm-backend sequential \
+    training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${BENCH_TRITON[*]} \
+&& python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${BENCH_SEQUENTIAL[*]} \
 && python tests/sync_watch.py ${OUT:-$ROOT}/sync ${WATCH[*]} && cat ${OUT:-$ROOT}/sync/sync_calls.json" ;;
     megatron_lm) echo "python -m pytest -q -m gpu tests/test_megatron_lm_addon_gpu.py" ;;
   esac
@@ -75,9 +74,8 @@ prepare() {
   ls "$WHEELS"
 }
 
-check_flags() {  # moe-reg pretrain flags valid for one process (sets the dry run's status)
-  TRITON_INTERPRET=1 python -m megatron_moe_reg.cli check-config --world-size 1 "$@" \
-    || { echo "dry-run: step training: its flags do not parse: $*"; status=1; }
+check_flags() {  # a command of the training step parses its configuration (sets the dry run's status)
+  TRITON_INTERPRET=1 python "$@" || { echo "dry-run: step training: its configuration does not parse: $*"; status=1; }
 }
 
 dry_run() {
@@ -91,11 +89,10 @@ dry_run() {
     total=$((total + BOX[$step]))
     echo "dry-run: $step (${BOX[$step]} s): $cmd"
   done
-  # the pretrain flags of the training step's runs, as they will be parsed (triton checked as on a GPU)
-  local bench=(--mock-data --train-iters 1000 "${BENCH[@]}")
-  check_flags "${bench[@]}" --moe-grouped-gemm-backend triton
-  check_flags "${bench[@]}" --moe-grouped-gemm-backend sequential
-  check_flags "${WATCH[@]}"
+  # the training step's runs parse their configurations as they will (triton checked as on a GPU)
+  check_flags benchmarks/loss_overhead.py --check-config "${BENCH_TRITON[@]}"
+  check_flags benchmarks/loss_overhead.py --check-config "${BENCH_SEQUENTIAL[@]}"
+  check_flags -m megatron_moe_reg.cli check-config --world-size 1 "${WATCH[@]}"
   echo "dry-run: time boxes add up to $total s"
   if ((total > 300)); then echo "dry-run: more than five minutes"; status=1; fi
   return $status

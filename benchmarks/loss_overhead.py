@@ -70,9 +70,9 @@ RANGES = {
 PROFILED = ("R_sp+R_cp", "measure")
 
 
-def setup(argv):
+def run_config(argv):
+    """The pretrain configuration of the benchmark's model, as its runs parse it."""
     from megatron_moe_reg.errors import quiet_third_party_warnings
-    from megatron_moe_reg.training import trainer
     from megatron_moe_reg.training.arguments import parse_args
 
     quiet_third_party_warnings()
@@ -87,7 +87,13 @@ def setup(argv):
     flags += argv.flags
     if world > 1:
         flags += ["--expert-model-parallel-size", str(world), "--moe-token-dispatcher-type", argv.dispatcher]
-    cfg = parse_args(flags, world_size=world)
+    return parse_args(flags, world_size=world)
+
+
+def setup(argv):
+    from megatron_moe_reg.training import trainer
+
+    cfg = run_config(argv)
     return cfg, trainer.setup(cfg)
 
 
@@ -215,9 +221,16 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=3, help="steps of each profiled variant")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--memory-probe", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--check-config", action="store_true", help="parse the run's configuration, then stop")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="after --: more moe-reg pretrain flags (e.g. --bf16)")
     argv = p.parse_args()
     argv.flags = [f for f in argv.flags if f != "--"]
+    if argv.check_config:
+        from megatron_moe_reg.training.input_checks import check_run_inputs
+
+        check_run_inputs(run_config(argv))
+        print("loss_overhead: configuration and inputs ok")
+        return
     if argv.ep > 1 and "WORLD_SIZE" not in os.environ:  # run itself in argv.ep processes
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={argv.ep}",
                __file__, *sys.argv[1:]]
