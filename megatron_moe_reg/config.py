@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import flag_name as _flag
+from megatron_moe_reg.flags import opt as _opt
 from megatron_moe_reg.flags import reject_non_finite
 
 COUPLING_VARIANTS = ("product", "log")
@@ -28,10 +29,6 @@ ORTHOGONALITY_WEIGHTS = ("fc1", "fc2")
 GRAM_KERNELS = ("auto", "torch", "triton")  # R_sp's per-token Gram (losses.specialization_rows)
 GROUPED_GEMM_BACKENDS = ("auto", "triton", "torch", "te", "sequential")
 MODULE_BACKENDS = ("triton", "torch")  # the backends the plugin's GroupedGemmExperts runs
-
-
-def _opt(default: Any, help: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, **meta})
 
 
 def coefficient(default: float, help: str) -> Any:

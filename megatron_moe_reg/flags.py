@@ -2,7 +2,9 @@
 
 Each dataclass field becomes one flag named like Megatron-LM's (``num_layers`` ->
 ``--num-layers``). Field metadata may set ``help``, ``choices``, ``aliases`` (extra flag
-names) and ``negative`` (a flag that stores False, e.g. ``--disable-bias-linear``).
+names) and ``negative`` (a flag that stores False, e.g. ``--disable-bias-linear``). A boolean gets
+``--X`` / ``--no-X``, except a field named ``no_X`` (Megatron-LM's ``--no-load-optim``): one flag
+that sets it.
 A config file (TOML, keys are flag names with ``-`` or ``_``) sets defaults; flags on
 the command line override it.
 """
@@ -26,6 +28,14 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
+
+
+def opt(default: Any, help: str = "", **meta: Any) -> Any:
+    """A dataclass field that is a flag: its default (a list default is copied per instance), help and
+    metadata (``choices``, ``aliases``, ``negative``, ``flag``, ``parser``)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 def flag_name(field_name: str) -> str:
@@ -80,6 +90,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) 
         names = [field_flag(f), *meta.get("aliases", ())]
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", ""), "default": argparse.SUPPRESS}
         tp, _optional = _unwrap_optional(hints[f.name])
+        if tp is bool and names[0].startswith("--no-"):  # Megatron-LM's store_true ``--no-X`` flags
+            group.add_argument(*names, action="store_true", **kwargs)  # (BooleanOptionalAction reads False)
+            continue
         if tp is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
             if "negative" in meta:

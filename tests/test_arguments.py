@@ -132,3 +132,26 @@ def test_cli_reports_one_line_errors(argv, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_every_boolean_flag_sets_its_option():
+    """``--X`` sets X and ``--no-X`` clears it; a Megatron-LM flag named ``--no-X`` (``--no-load-optim``)
+    sets its own option (argparse's BooleanOptionalAction would read any ``--no-`` flag as False)."""
+    import dataclasses
+    import typing
+
+    from megatron_moe_reg import flags
+    from megatron_moe_reg.training.arguments import GROUPS, build_parser
+
+    parser, checked = build_parser(), 0
+    for _, cls, _ in GROUPS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if flags._unwrap_optional(hints[f.name])[0] is not bool:
+                continue
+            flag = flags.field_flag(f)
+            assert getattr(parser.parse_args([flag]), f.name) is True, flag
+            if not flag.startswith("--no-"):
+                assert getattr(parser.parse_args(["--no-" + flag[2:]]), f.name) is False, flag
+            checked += 1
+    assert checked > 20  # every group's booleans were seen

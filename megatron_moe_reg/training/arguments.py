@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from megatron_moe_reg import flags
 from megatron_moe_reg.config import ModelShape, PluginConfig
 from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.flags import opt
 
 # Megatron-LM's choices, and which of them this entry builds (the others stop with one line)
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "relative", "none")
@@ -53,13 +54,6 @@ UNSUPPORTED_CHOICES = {  # flag -> (values moe-reg pretrain does not build, what
     ),
     "ckpt_format": (("torch", "torch_dcp", "fsdp_dtensor"), "moe-reg pretrain writes torch_dist"),
 }
-
-
-def opt(default, help: str = "", **meta):
-    """A dataclass field with flag metadata."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
