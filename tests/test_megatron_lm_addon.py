@@ -150,6 +150,9 @@ def test_a_machine_without_te_or_apex_turns_their_fusions_off_and_says_so():
     assert full == ["--lr", "1e-3"] and note == ""
     te_only, _ = machine_flags([], cuda=True, importable=lambda name: name == "transformer_engine")
     assert te_only == ["--no-persist-layer-norm", "--no-gradient-accumulation-fusion"]
+    te_unused, _ = machine_flags(["--transformer-impl=local"], cuda=True,
+                                 importable=lambda name: name == "transformer_engine")
+    assert te_unused[-1] == "--no-masked-softmax-fusion"  # local attention: Apex's softmax kernels
 
 
 @pytest.mark.skipif(importlib.util.find_spec("megatron.training") is not None,

@@ -46,7 +46,8 @@ def config_from_checkpoint(load: str):
         raise ConfigError(
             f"--load {load}: the checkpoint has no moe-reg run configuration (it was not written by 'moe-reg pretrain')"
         )
-    values = {k: v for group in saved.values() for k, v in group.items()}
+    # the fusions the training machine used do not change the weights: this machine's defaults apply
+    values = {k: v for name, group in saved.items() if name != "fusion" for k, v in group.items()}
     if "norm_epsilon" in values:  # the option's name in checkpoints written before it had Megatron-LM's
         values.setdefault("layernorm_epsilon", values.pop("norm_epsilon"))
     values.update(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_moe_reg import flags
@@ -119,6 +120,22 @@ class MoEArgs:
 
 
 @dataclass
+class FusionArgs:
+    """Megatron-LM's kernel fusions, on by default as there; ``fusions.fit_fusions`` turns off those
+    this machine cannot run, with a note."""
+
+    masked_softmax_fusion: bool = opt(True, "fuse the attention's scaling, masking and softmax (Apex's kernels)")
+    bias_gelu_fusion: bool = opt(True, "fuse bias and GELU, tanh approximation (torch.compile; with biases)")
+    bias_swiglu_fusion: bool = opt(True, "fuse bias and SwiGLU (torch.compile)")
+    bias_dropout_fusion: bool = opt(True, "fuse bias, dropout and the residual add (torch.compile)")
+    apply_rope_fusion: bool = opt(True, "TransformerEngine's fused RoPE", flag="--rope-fusion")
+    gradient_accumulation_fusion: bool = opt(
+        True, "accumulate weight gradients inside the GEMM (Apex's fused_weight_gradient_mlp_cuda)"
+    )
+    no_persist_layer_norm: bool = opt(False, "no persistent fused layer-norm kernel (Apex's, local layers)")
+
+
+@dataclass
 class ParallelArgs:
     tensor_model_parallel_size: int = opt(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = opt(1, "pipeline-parallel size")
@@ -211,6 +228,7 @@ class LoggingArgs:
 GROUPS: tuple[tuple[str, type, str], ...] = (
     ("model", ModelArgs, "model"),
     ("moe", MoEArgs, "mixture of experts"),
+    ("fusion", FusionArgs, "kernel fusions"),
     ("parallel", ParallelArgs, "parallelism"),
     ("train", TrainArgs, "training"),
     ("data", DataArgs, "data"),
@@ -225,6 +243,7 @@ GROUPS: tuple[tuple[str, type, str], ...] = (
 class RunConfig:
     model: ModelArgs
     moe: MoEArgs
+    fusion: FusionArgs
     parallel: ParallelArgs
     train: TrainArgs
     data: DataArgs
@@ -310,16 +329,19 @@ def run_config_from_values(values: dict, world_size: int, command_line: frozense
     return RunConfig(**groups, world_size=world_size, command_line=command_line, explicit=frozenset(values))
 
 
-def fit_to_machine(cfg: RunConfig) -> None:
-    """Megatron-LM's defaults that need a GPU and TransformerEngine, on a machine without them: the
-    local layer spec and the gloo backend, each with a note; given explicitly, they stay (and fail
-    with one line later). Also reads the "auto" of checkpoints written before these defaults."""
-    import importlib.util
-
+def fit_to_machine(cfg: RunConfig, cuda: bool | None = None, can_import: Callable[[str], bool] | None = None) -> None:
+    """Megatron-LM's defaults that need a GPU, TransformerEngine or Apex, on a machine without them: the
+    local layer spec, the gloo backend and the fusions without kernels off, each with a note; given
+    explicitly, they stay (and fail with one line later, the fusions here). Also reads the "auto" of
+    checkpoints written before these defaults. ``cuda`` and ``can_import`` describe another machine."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    te = importlib.util.find_spec("transformer_engine") is not None
+    from megatron_moe_reg.integration.megatron.fusion_kernels import importable
+    from megatron_moe_reg.training.fusions import fit_fusions
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    can_import = can_import or importable
+    te = can_import("transformer_engine")
     m, p = cfg.model, cfg.parallel
     if m.transformer_impl == "auto" or (
         "transformer_impl" not in cfg.explicit and m.transformer_impl == "transformer_engine" and not (cuda and te)
@@ -331,6 +353,7 @@ def fit_to_machine(cfg: RunConfig) -> None:
         p.distributed_backend = "nccl" if cuda else "gloo"
         if not cuda:
             cfg.machine_notes.append("no GPU here: --distributed-backend gloo")
+    cfg.machine_notes += fit_fusions(cfg, cuda, m.transformer_impl == "transformer_engine", can_import)
 
 
 def finalize(cfg: RunConfig) -> None:

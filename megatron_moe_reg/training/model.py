@@ -44,7 +44,7 @@ def padded_vocab_size(vocab_size: int, cfg: RunConfig) -> int:
 
 
 def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential") -> TransformerConfig:
-    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    m, moe, p, t, f = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.fusion
     gpu = on_gpu()
     if p.context_parallel_size > 1 and not use_te:
         raise ConfigError(
@@ -87,12 +87,12 @@ def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential"
         recompute_method=p.recompute_method,
         recompute_num_layers=p.recompute_num_layers,
         use_cpu_initialization=not gpu,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=gpu and m.swiglu,
-        bias_dropout_fusion=gpu,
-        masked_softmax_fusion=gpu,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        gradient_accumulation_fusion=f.gradient_accumulation_fusion,  # arguments.fit_to_machine fits these
+        bias_activation_fusion=f.bias_swiglu_fusion if m.swiglu else f.bias_gelu_fusion,  # as Megatron-LM
+        bias_dropout_fusion=f.bias_dropout_fusion,
+        masked_softmax_fusion=f.masked_softmax_fusion,
+        apply_rope_fusion=f.apply_rope_fusion,
+        persist_layer_norm=not f.no_persist_layer_norm,
     )
     if p.recompute_modules is not None:
         kwargs["recompute_modules"] = p.recompute_modules

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
-import importlib.util
 import os
 import runpy
 import sys
@@ -27,14 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.integration.megatron import fusion_kernels
 
 _PROGRAM_START = time.time()
-FUSIONS_WITHOUT_KERNELS = {  # flag that turns a fusion off -> the modules its kernels come from
-    "--no-rope-fusion": ("transformer_engine",),
-    "--no-persist-layer-norm": ("apex",),
-    "--no-gradient-accumulation-fusion": ("fused_weight_gradient_mlp_cuda",),
-    "--no-masked-softmax-fusion": ("scaled_masked_softmax_cuda", "transformer_engine"),
-}
 
 
 def _print0(line: str) -> None:
@@ -42,19 +36,23 @@ def _print0(line: str) -> None:
         print(line, flush=True)
 
 
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _given(argv: list[str]) -> set[str]:
     return {item.split("=", 1)[0] for item in argv if item.startswith("--")}
 
 
+def _value(argv: list[str], flag: str) -> str | None:
+    """The last value given to ``flag`` (``--flag VALUE`` or ``--flag=VALUE``), None if not given."""
+    value = None
+    for i, item in enumerate(argv):
+        if item == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif item.startswith(flag + "="):
+            value = item.split("=", 1)[1]
+    return value
+
+
 def machine_flags(
-    argv: list[str], cuda: bool, importable: Callable[[str], bool] = _importable
+    argv: list[str], cuda: bool, importable: Callable[[str], bool] = fusion_kernels.importable
 ) -> tuple[list[str], str]:
     """Megatron-LM's command line for this machine, and a note of what was added: without CUDA the
     gloo backend; without TransformerEngine the local layer spec; and every fusion whose kernels
@@ -62,11 +60,13 @@ def machine_flags(
     given, added = _given(argv), []
     if not cuda and "--distributed-backend" not in given:
         added += ["--distributed-backend", "gloo"]
-    if not importable("transformer_engine") and "--transformer-impl" not in given:
+    te = importable("transformer_engine")
+    if not te and "--transformer-impl" not in given:
         added += ["--transformer-impl", "local"]
-    for flag, providers in FUSIONS_WITHOUT_KERNELS.items():
-        if flag not in given and not any(importable(m) for m in providers):
-            added.append(flag)
+    te_layers = te and _value(argv, "--transformer-impl") in (None, "transformer_engine")
+    for fusion in fusion_kernels.fusions_without_kernels(te_layers, importable):
+        if fusion.flag not in given:
+            added.append(fusion.flag)
     if not added:
         return argv, ""
     why = "no GPU, " if not cuda else ""
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     split_plugin_flags(list(sys.argv[1:] if argv is None else argv))  # a bad plugin flag is named first
     version = Version(package_info.__version__)
-    if not _importable("megatron.training") or version < Version("0.19"):
+    if not fusion_kernels.importable("megatron.training") or version < Version("0.19"):
         raise ConfigError(
             f"megatron-core {version} does not ship megatron.training (0.19+ wheels do); upgrade, or run "
             "patches/pretrain_gpt_moe_reg.py from a Megatron-LM checkout"
