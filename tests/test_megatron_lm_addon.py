@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,19 @@ def test_moe_reg_megatron_lm_needs_a_megatron_core_that_ships_megatron_training(
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
     assert "does not ship megatron.training" in proc.stderr and "pretrain_gpt_moe_reg.py" in proc.stderr
+
+
+def test_megatron_lms_initialize_does_not_rebuild_a_wheels_dataset_helper_on_any_machine():
+    """pip wheels of megatron-core ship the compiled dataset helper without its Makefile, so the make that
+    Megatron-LM's initialize runs fails and Megatron-LM exits, on a GPU as on a CPU: the row that skips it
+    is applied whatever the machine (scope megatron-lm, not megatron-lm-cpu)."""
+    from megatron.core.datasets import utils
+
+    row = patches.BY_KEY["megatron-lm.compile-helpers"]
+    assert row.scope == "megatron-lm"
+    if (Path(utils.__file__).parent / "Makefile").exists():
+        pytest.skip("megatron-core from a checkout: its make builds the helper")
+    with pytest.raises((SystemExit, FileNotFoundError)):  # make finds no Makefile (or no make)
+        utils.compile_helpers()
+    with patches.replaced(row.key, row.make):
+        assert utils.compile_helpers() is None

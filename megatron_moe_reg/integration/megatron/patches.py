@@ -264,6 +264,16 @@ PATCHES: tuple[Patch, ...] = (
         source="megatron-lm",
     ),
     Patch(
+        "megatron-lm.compile-helpers",
+        "megatron.core.datasets.utils:compile_helpers",
+        "0.16-0.19",
+        "Megatron-LM's initialize runs make for the dataset helper, which pip wheels ship compiled but "
+        "without a Makefile (make fails, and Megatron-LM exits, on any machine); skipped when the compiled "
+        "helper imports",
+        "megatron-lm",
+        host.skip_when_helpers_import,
+    ),
+    Patch(
         "megatron-lm.dist-optimizer-load",
         "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_state_dict",
         "0.16-0.19",
@@ -301,14 +311,6 @@ PATCHES: tuple[Patch, ...] = (
         "megatron.training.initialize:_set_random_seed",
         "it seeds the model-parallel RNG tracker only when a device is counted; the same one-device view",
         host.one_visible_device,
-    ),
-    _lm_cpu(
-        "lm-cpu.compile_helpers",
-        "megatron.core.datasets.utils:compile_helpers",
-        "Megatron-LM runs make for the dataset helper, which pip wheels ship compiled but without a Makefile; "
-        "skipped when the compiled helper imports",
-        host.skip_when_helpers_import,
-        source="megatron-core",
     ),
     _lm_cpu(
         "lm-cpu.fused_kernels",
