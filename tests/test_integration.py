@@ -18,7 +18,7 @@ def test_every_patch_row_is_documented_and_finds_its_target():
     and so resolved, by tests/test_megatron_lm_loop.py with MEGATRON_LM_PATH.)"""
     assert cpu_runtime.activate() is (not torch.cuda.is_available())
     for patch in patches.PATCHES:
-        scopes = ("cpu", "megatron-lm", "megatron-lm-cpu", "training", "data", "compat")
+        scopes = ("cpu", "megatron-core", "megatron-lm", "megatron-lm-cpu", "training", "data", "compat")
         assert patch.reason and patch.versions and patch.scope in scopes, patch.key
         assert patch.kind in ("replace", "define", "mutate") and patch.source in patches.SOURCES, patch.key
     sources = ["megatron-core"]
@@ -178,3 +178,27 @@ def test_version_is_supported():
     assert dataclasses.is_dataclass(compat.moe_submodules(
         __import__("megatron_moe_reg.integration.megatron.spec", fromlist=["x"]).gpt_block_spec(
             _tiny_config(), False, pp_rank=0).layer_specs[0].submodules.mlp))
+
+
+@pytest.mark.skipif(compat.MCORE_VERSION >= Version("0.17"), reason="0.17+ defines te_general_gemm without TE")
+def test_megatron_cores_own_fixes_apply_without_the_cpu_runtime():
+    """0.16's router gating names te_general_gemm, defined only when TransformerEngine imports: every
+    TopKRouter fails without TE on any machine, GPU too. The fix is applied by both drivers whatever
+    the machine (scope megatron-core); here in a fresh process that never activates the CPU runtime."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from megatron.core.transformer.moe.moe_utils import router_gating_linear\n"
+        "x, w = torch.ones(3, 4), torch.ones(2, 4)\n"
+        "try:\n"
+        "    router_gating_linear(x, w, None, torch.float32)\n"
+        "except NameError as e:\n"
+        "    print('unfixed:', e)\n"
+        "from megatron_moe_reg.integration.megatron import cpu_runtime, patches\n"
+        "assert patches.fix_megatron_core() == 1 and patches.fix_megatron_core() == 0\n"
+        "print('fixed:', router_gating_linear(x, w, None, torch.float32).sum().item(), cpu_runtime.is_active())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.splitlines() == ["unfixed: name 'te_general_gemm' is not defined", "fixed: 24.0 False"]

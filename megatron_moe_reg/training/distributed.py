@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_moe_reg.integration.megatron import cpu_runtime
+from megatron_moe_reg.integration.megatron import cpu_runtime, patches
 
 
 def on_gpu() -> bool:
@@ -42,10 +42,11 @@ def init_process_group(backend: str = "auto", timeout_minutes: int = 10) -> None
 
 
 def initialize(cfg) -> None:
-    """Process group, CPU runtime (when no CUDA), Megatron model-parallel groups and seeds."""
+    """Process group, megatron-core's fixes, CPU runtime (when no CUDA), model-parallel groups, seeds."""
     from megatron.core import parallel_state
 
     init_process_group(cfg.parallel.distributed_backend)
+    patches.fix_megatron_core()  # on any machine
     cpu_runtime.activate()
     p = cfg.parallel
     if parallel_state.model_parallel_is_initialized():

@@ -6,7 +6,8 @@ dispatcher, ``device="cuda"`` tensors in the schedules, the optimizer and the
 checkpoint verifier, the CUDA RNG tracker). The rows of scope ``cpu`` in the patch table
 (``patches.PATCHES``) map those onto the CPU, each with its reason and the megatron-core
 versions it applies to; their replacement values are in ``host_device``. ``activate()``
-applies them once and only when CUDA is absent; on a GPU machine it does nothing.
+applies them once and only when CUDA is absent (with megatron-core's own fixes, scope
+``megatron-core``, which the drivers apply on every machine); on a GPU machine it does nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def activate() -> bool:
         return True
     if torch.cuda.is_available():
         return False
+    patches.fix_megatron_core()
     count = patches.apply_scope("cpu")
     _ACTIVE = True
     log.info("megatron-core CPU runtime active (%d patches)", count)

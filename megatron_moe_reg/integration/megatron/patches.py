@@ -5,6 +5,9 @@ why it is needed, and when it is applied (``scope``):
 
 - ``cpu``: by the CPU runtime layer (``cpu_runtime.activate``), only when CUDA is absent, for the
   life of the process;
+- ``megatron-core``: megatron-core's own defects that appear on any machine (without
+  TransformerEngine, say), by ``fix_megatron_core`` (both drivers and the CPU runtime layer), for the
+  life of the process;
 - ``megatron-lm``: while the add-on runs Megatron-LM's ``pretrain`` (``replaced``), restored after;
 - ``megatron-lm-cpu``: Megatron-LM's initialize path without CUDA, while the add-on runs it on a CPU;
 - ``training``: while ``moe-reg pretrain``'s optimizer step runs (``replaced``), restored after;
@@ -42,7 +45,7 @@ class Patch:
     target: str  # "module:attribute.path"
     versions: str  # megatron-core minor versions, "0.16" or "0.16-0.19"
     reason: str
-    scope: str  # "cpu" | "megatron-lm" | "megatron-lm-cpu" | "training" | "data" | "compat"
+    scope: str  # "cpu" | "megatron-core" | "megatron-lm" | "megatron-lm-cpu" | "training" | "data" | "compat"
     make: Callable[[Any], Any] | None = None  # original -> replacement (cpu rows); None: given at apply time
     kind: str = "replace"  # "replace" | "define" | "mutate"
     source: str = "megatron-core"
@@ -193,14 +196,6 @@ PATCHES: tuple[Patch, ...] = (
         host.host_copy,
     ),
     _cpu(
-        "cpu.te_general_gemm",
-        "megatron.core.transformer.moe.moe_utils:te_general_gemm",
-        "router_gating_linear references te_general_gemm, undefined without TE (NameError)",
-        _const(None),
-        versions="0.16",
-        kind="define",
-    ),
-    _cpu(
         "cpu.tensor_cuda",
         "torch:Tensor.cuda",
         "optimizer, dist-optimizer and broadcast helpers call tensor.cuda()",
@@ -226,6 +221,17 @@ PATCHES: tuple[Patch, ...] = (
             host.redirect_device_kwarg,
         )
         for name in _FACTORIES
+    ),
+    # ---------------------------------------------------------------- megatron-core itself, on any machine
+    Patch(
+        "megatron-core.te_general_gemm",
+        "megatron.core.transformer.moe.moe_utils:te_general_gemm",
+        "0.16",
+        "every TopKRouter's gating calls router_gating_linear, which references te_general_gemm, a name "
+        "0.16 defines only when TransformerEngine imports (NameError on a GPU or CPU without it)",
+        "megatron-core",
+        _const(None),
+        kind="define",
     ),
     # ---------------------------------------------------------------- Megatron-LM add-on (during pretrain)
     Patch(
@@ -360,6 +366,7 @@ BY_KEY = {patch.key: patch for patch in PATCHES}
 assert len(BY_KEY) == len(PATCHES), "patch keys must be unique"
 
 _ORIGINALS: dict[str, tuple[bool, Any]] = {}  # key -> (attribute existed, original), for applied rows
+_APPLIED_SCOPES: set[str] = set()  # scopes applied for the life of the process
 
 
 def installed_version() -> Version:
@@ -393,6 +400,14 @@ def apply_scope(scope: str, sources: tuple[str, ...] = SOURCES) -> int:
     for patch in selected:
         apply(patch)
     return len(selected)
+
+
+def fix_megatron_core() -> int:
+    """Apply the rows of scope ``megatron-core`` (once); returns the count."""
+    if "megatron-core" in _APPLIED_SCOPES:
+        return 0
+    _APPLIED_SCOPES.add("megatron-core")
+    return apply_scope("megatron-core")
 
 
 @contextlib.contextmanager

@@ -120,6 +120,7 @@ def _run(argv: list[str] | None, script: str, run: Callable[[], object], sources
     plugin, megatron_argv = split_plugin_flags(list(sys.argv[1:] if argv is None else argv))
     _print0(megatron_core_in_use())
     compat.check_version()
+    patches.fix_megatron_core()  # on any machine
     cuda = torch.cuda.is_available()
     megatron_argv, note = machine_flags(megatron_argv, cuda)
     if note:
