@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_check.sh --only STEP   # rerun one step (install runs first when needed)
 #   bash benchmarks/gpu_check.sh --dry-run     # check the steps' commands, files and time boxes
 #
+# PYTHON names the interpreter that holds torch (default python3).
+#
 # Steps (each time-boxed; all of them append to one results file, $OUT/gpu_check.md or
 # ./gpu_check.md):
 #   install       the cp312 wheels into .cache/gpu-site with pip --no-index --no-deps --target
@@ -24,6 +26,7 @@ ROOT=$PWD
 WHEELS=${GPU_CHECK_WHEELS:-.cache/gpu-wheels}
 SITE=.cache/gpu-site
 RESULTS=${OUT:-$ROOT}/gpu_check.md
+PY=${PYTHON:-python3}  # the interpreter that holds torch (a GPU image need not have a plain "python")
 STEPS=(install pytest grouped_gemm training megatron_lm)
 declare -A BOX=([install]=15 [pytest]=90 [grouped_gemm]=75 [training]=80 [megatron_lm]=40)  # seconds
 # cp312 wheels the GPU machine lacks (it has torch, triton, numpy, sentencepiece, tensorboard,
@@ -41,16 +44,16 @@ WATCH=(--mock-data "${BENCH[@]}" --train-iters 20 --log-interval 5 --eval-iters 
 
 step_command() {  # the command of a step, one string (the dry run parses it)
   case $1 in
-    install) echo "python -m pip install -q --no-index --no-deps --target $SITE $WHEELS/*.whl" ;;
+    install) echo "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $WHEELS/*.whl" ;;
     # four workers: the fp32 and the bf16 tests compile their Triton kernels side by side (tens of
     # compilations of a few seconds each; the later steps find them in Triton's cache)
-    pytest) echo "python -m pytest -q -n 4 -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
-    grouped_gemm) echo "python benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json \
-&& python benchmarks/gram_kernel_speed.py --rounds 5" ;;
-    training) echo "python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${BENCH_TRITON[*]} \
-&& python benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${BENCH_SEQUENTIAL[*]} \
-&& python tests/sync_watch.py ${OUT:-$ROOT}/sync ${WATCH[*]} && cat ${OUT:-$ROOT}/sync/sync_calls.json" ;;
-    megatron_lm) echo "python -m pytest -q -m gpu tests/test_megatron_lm_addon_gpu.py" ;;
+    pytest) echo "$PY -m pytest -q -n 4 -m gpu tests/test_grouped_experts_gpu.py tests/test_specialization_gpu.py" ;;
+    grouped_gemm) echo "$PY benchmarks/grouped_gemm_speed.py --rounds 3 --json ${OUT:-$ROOT}/grouped_gemm.json \
+&& $PY benchmarks/gram_kernel_speed.py --rounds 5" ;;
+    training) echo "$PY benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 2 ${BENCH_TRITON[*]} \
+&& $PY benchmarks/loss_overhead.py --rounds 3 --no-memory --profile-steps 0 ${BENCH_SEQUENTIAL[*]} \
+&& $PY tests/sync_watch.py ${OUT:-$ROOT}/sync ${WATCH[*]} && cat ${OUT:-$ROOT}/sync/sync_calls.json" ;;
+    megatron_lm) echo "$PY -m pytest -q -m gpu tests/test_megatron_lm_addon_gpu.py" ;;
   esac
 }
 
@@ -67,19 +70,20 @@ files_of() {  # files a step needs
 prepare() {
   mkdir -p "$WHEELS"
   local platform=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platform[@]}" -d "$WHEELS" "${PURE[@]}" "${BINARY[@]}"
-  python -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platform[@]}" -d "$WHEELS" "${WITH_DEPS[@]}"
   ls "$WHEELS"
 }
 
 check_flags() {  # a command of the training step parses its configuration (sets the dry run's status)
-  TRITON_INTERPRET=1 python "$@" || { echo "dry-run: step training: its configuration does not parse: $*"; status=1; }
+  TRITON_INTERPRET=1 "$PY" "$@" || { echo "dry-run: step training: its configuration does not parse: $*"; status=1; }
 }
 
 dry_run() {
   local total=0 status=0
+  command -v "$PY" >/dev/null || { echo "dry-run: no interpreter $PY (set PYTHON)"; status=1; }
   for step in "${STEPS[@]}"; do
     local cmd; cmd=$(step_command "$step")
     if ! bash -n <(echo "$cmd"); then echo "dry-run: step $step: its command does not parse"; status=1; fi
@@ -131,7 +135,7 @@ main() {
   {
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-    python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
     echo
   } >>"$RESULTS"
   local failed=()

@@ -4,12 +4,13 @@ up to at most five minutes."""
 
 import os
 import subprocess
+import sys
 
 from helpers import ROOT, child_env
 
 
 def _dry_run(wheels):
-    env = {**child_env(), "GPU_CHECK_WHEELS": str(wheels)}
+    env = {**child_env(), "GPU_CHECK_WHEELS": str(wheels), "PYTHON": sys.executable}
     return subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env)
 
