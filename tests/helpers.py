@@ -61,11 +61,13 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = T
     return proc
 
 
-def run_script(script: str | Path, args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node N SCRIPT ARGS`` with the tests' environment; fails with its stderr."""
+def run_script(script: str | Path, args: list[str], nproc: int = 1, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node N SCRIPT ARGS`` with the tests' environment (and ``env``); fails with
+    its stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
            *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**child_env(), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
 

@@ -1,6 +1,8 @@
 """A training step that is not a log step makes no host-device synchronizing call from the
 plugin's own code (tests/sync_watch.py), with R_sp and R_cp on: one process, and EP 2 with both
-dispatchers (the token subsample's metadata path under alltoall). Allowed count: 0."""
+dispatchers (the token subsample's metadata path under alltoall), and the Triton experts in Triton's
+interpreter (the kernels' host-side wrappers; the interpreter's own reads are Triton's, not counted).
+Allowed count: 0."""
 
 import json
 from pathlib import Path
@@ -20,14 +22,18 @@ LAYOUTS = {
                                                "torch", "--moe-specialization-max-tokens", "50"]),
     "ep2-allgather": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
                           "--moe-grouped-gemm-backend", "sequential"]),
+    "one-process-triton-experts-interpreted": (1, ["--moe-grouped-gemm-backend", "triton"]),
 }
+INTERPRETED = {"TRITON_INTERPRET": "1"}
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_non_log_step_has_no_plugin_host_sync(layout, tmp_path):
     nproc, flags = LAYOUTS[layout]
-    run_script(WATCH, [str(tmp_path), *BASE, *flags], nproc=nproc)
+    if "triton" in flags:
+        pytest.importorskip("triton")
+    run_script(WATCH, [str(tmp_path), *BASE, *flags], nproc=nproc, env=INTERPRETED if "triton" in flags else None)
     result = json.loads((tmp_path / "sync_calls.json").read_text())
     assert result["control"], "the watch must see the host reads of a log step's report"
     assert result["calls"] == [], result["calls"]
