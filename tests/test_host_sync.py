@@ -1,7 +1,8 @@
 """A training step that is not a log step makes no host-device synchronizing call from the
 plugin's own code (tests/sync_watch.py), with R_sp and R_cp on: one process, and EP 2 with both
-dispatchers (the token subsample's metadata path under alltoall), and the Triton experts in Triton's
-interpreter (the kernels' host-side wrappers; the interpreter's own reads are Triton's, not counted).
+dispatchers (the token subsample's metadata path under alltoall), and the Triton experts and R_sp's
+Triton Gram kernels in Triton's interpreter (their host-side wrappers, which a GPU runs compiled; the
+interpreter's own reads are Triton's, not counted).
 Allowed count: 0."""
 
 import json
@@ -22,7 +23,8 @@ LAYOUTS = {
                                                "torch", "--moe-specialization-max-tokens", "50"]),
     "ep2-allgather": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
                           "--moe-grouped-gemm-backend", "sequential"]),
-    "one-process-triton-experts-interpreted": (1, ["--moe-grouped-gemm-backend", "triton"]),
+    "one-process-triton-experts-interpreted": (1, ["--moe-grouped-gemm-backend", "triton",
+                                                   "--moe-specialization-gram-kernel", "triton"]),
 }
 INTERPRETED = {"TRITON_INTERPRET": "1"}
 
