@@ -16,10 +16,11 @@ never inside a timed one.
   R_sp+R_cp@256  both, R_sp over 256 evenly spaced tokens per micro-batch (--moe-specialization-max-tokens)
   L_orth         weight-orthogonality loss on fc1, λ = 1e-2
 
-Under the ratios, a breakdown of the plugin's time per step from the profiler, for R_sp+R_cp steps
-and for measure-only steps: return to the owners, Gram (forward and its backward node),
-attachment, coupling, routing metrics (expert load, counted on every step, "off" included; on
-measured steps also the routing entropy and the router geometry).
+Under the ratios, a breakdown of the plugin's time per step from the profiler (on a GPU, the time of
+the kernels each range launched, beside its host time), for R_sp+R_cp steps and for measure-only
+steps: return to the owners, Gram (forward and its backward node), attachment, coupling, routing
+metrics (expert load, counted on every step, "off" included; on measured steps also the routing
+entropy and the router geometry).
 
 With ``--ep 2`` the benchmark runs itself in two processes (expert parallelism, ``--dispatcher``
 alltoall or allgather) and also times the floor of R_sp's exact communication alone: per MoE
@@ -174,15 +175,25 @@ def comm_floor(ctx, cfg, dispatcher: str) -> float:
     return time.perf_counter() - t0
 
 
-def breakdown(ctx, data, steps: int, variant: str) -> dict[str, float]:
-    """Milliseconds per ``variant`` step in each of the plugin's profiler ranges."""
+def breakdown(ctx, data, steps: int, variant: str) -> dict[str, tuple[float, float | None]]:
+    """Milliseconds per ``variant`` step in each of the plugin's profiler ranges: (host time, and on a
+    GPU the time of the kernels the range launched; None without CUDA). On a GPU the host time of a
+    range is mostly kernel launches, which run asynchronously: its kernels' time is what it costs."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             run_step(ctx, data, variant)
-    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
-    return {name: totals.get(key, 0.0) / 1e3 / steps for name, key in RANGES.items()}
+    events = {e.key: e for e in prof.key_averages()}
+    out: dict[str, tuple[float, float | None]] = {}
+    for name, key in RANGES.items():
+        event = events.get(key)
+        host = event.cpu_time_total / 1e3 / steps if event is not None else 0.0
+        device = (event.device_time_total / 1e3 / steps if event is not None else 0.0) if cuda else None
+        out[name] = (host, device)
+    return out
 
 
 def memory_probe(ctx, data, variant: str) -> dict:
@@ -297,8 +308,12 @@ def main() -> None:
     off_ms = 1000 * statistics.median(times["off"])
     for variant, ranges in parts.items():
         print(f"  {variant} breakdown, ms per step (profiled, {argv.profile_steps} steps; the profiler adds time):")
-        for name, ms in ranges.items():
-            print(f"    {name:<18} {ms:7.2f} ms  ({100 * ms / off_ms:.2f} % of an 'off' step)")
+        for name, (host, device) in ranges.items():
+            if device is None:
+                print(f"    {name:<18} {host:7.2f} ms  ({100 * host / off_ms:.2f} % of an 'off' step)")
+            else:
+                print(f"    {name:<18} GPU {device:7.2f} ms  ({100 * device / off_ms:.2f} % of an 'off' step)"
+                      f"   host {host:7.2f} ms")
 
 
 if __name__ == "__main__":
