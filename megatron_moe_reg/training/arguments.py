@@ -332,8 +332,9 @@ def run_config_from_values(values: dict, world_size: int, command_line: frozense
 def fit_to_machine(cfg: RunConfig, cuda: bool | None = None, can_import: Callable[[str], bool] | None = None) -> None:
     """Megatron-LM's defaults that need a GPU, TransformerEngine or Apex, on a machine without them: the
     local layer spec, the gloo backend and the fusions without kernels off, each with a note; given
-    explicitly, they stay (and fail with one line later, the fusions here). Also reads the "auto" of
-    checkpoints written before these defaults. ``cuda`` and ``can_import`` describe another machine."""
+    explicitly, they stay (and fail with one line later, the fusions here). With tensor or context
+    parallelism on a GPU, CUDA_DEVICE_MAX_CONNECTIONS=1 unless set. Also reads the "auto" of checkpoints
+    written before these defaults. ``cuda`` and ``can_import`` describe another machine."""
     import torch
 
     from megatron_moe_reg.integration.megatron.fusion_kernels import importable
@@ -354,6 +355,13 @@ def fit_to_machine(cfg: RunConfig, cuda: bool | None = None, can_import: Callabl
         if not cuda:
             cfg.machine_notes.append("no GPU here: --distributed-backend gloo")
     cfg.machine_notes += fit_fusions(cfg, cuda, m.transformer_impl == "transformer_engine", can_import)
+    if cuda and (p.tensor_model_parallel_size > 1 or p.context_parallel_size > 1):
+        if "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:  # read when CUDA creates its context, later
+            os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+            cfg.machine_notes.append(
+                "tensor / context parallelism on a GPU: CUDA_DEVICE_MAX_CONNECTIONS=1, as Megatron-LM requires "
+                "before Blackwell (so the communication overlaps the GEMMs); set it yourself to choose another value"
+            )
 
 
 def finalize(cfg: RunConfig) -> None:

@@ -1,7 +1,10 @@
-"""Megatron-LM's fusions in ``moe-reg pretrain``: its flags and defaults (all on), turned off with one
-note where the machine lacks their kernels, one-line errors where a flag asks for one that cannot
-run, and the TransformerConfig they give. Machines other than this one are described to
-``fit_to_machine`` by what CUDA and which modules they have."""
+"""``moe-reg pretrain`` fitted to the machine: Megatron-LM's fusions (its flags and defaults, all on),
+turned off with one note where the machine lacks their kernels, one-line errors where a flag asks for
+one that cannot run, the TransformerConfig they give; and CUDA_DEVICE_MAX_CONNECTIONS for tensor
+parallelism on a GPU. Machines other than this one are described to ``fit_to_machine`` by whether
+they have CUDA and which modules they can import."""
+
+import os
 
 import pytest
 
@@ -104,3 +107,22 @@ def test_a_fusion_asked_for_without_its_kernels_stops_with_one_line(flag, messag
     gpu = unfitted([*GPU_STYLE, flag])
     with pytest.raises(ConfigError, match="they are not installed here"):
         fit_to_machine(gpu, cuda=True, can_import=only())
+
+
+def test_tensor_parallelism_on_a_gpu_gets_one_device_connection_unless_one_is_chosen(monkeypatch):
+    """Megatron-LM asserts CUDA_DEVICE_MAX_CONNECTIONS=1 with TP or CP before Blackwell (the TP
+    communication is queued ahead of the GEMMs it overlaps); set before CUDA creates its context."""
+    tp = [*GPU_STYLE, "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    cpu = unfitted(tp)
+    fit_to_machine(cpu, cuda=False, can_import=only())
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    gpu = unfitted(tp)
+    fit_to_machine(gpu, cuda=True, can_import=only())
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert gpu.machine_notes[-1].startswith("tensor / context parallelism on a GPU: CUDA_DEVICE_MAX_CONNECTIONS=1")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    chosen = unfitted(tp)
+    fit_to_machine(chosen, cuda=True, can_import=only())
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+    assert not any("CUDA_DEVICE_MAX_CONNECTIONS" in n for n in chosen.machine_notes)
