@@ -1,7 +1,8 @@
 """The flags ``moe-reg pretrain`` shares with Megatron-LM mean what they mean there: the same default,
 type and choices as Megatron-LM's own parser (``megatron.training.arguments``, shipped with
 megatron-core 0.19+), except where Megatron-LM leaves a value required or None and this entry needs
-one, each listed below with its reason."""
+one, each listed below with its reason; and the TransformerConfig built from a command line is the one
+Megatron-LM builds from it."""
 
 import argparse
 import dataclasses
@@ -78,3 +79,48 @@ def test_every_exception_is_a_shared_flag_that_differs():
         f, action = fields[name]
         assert f.default != action.default and action.default in (None, False), name
     assert len(fields) > 80  # most of the entry's flags are Megatron-LM's
+
+
+# TransformerConfig fields that may differ, with the reason
+CONFIG_EXCEPTIONS = {
+    "use_cpu_initialization": "the machine's: True without CUDA (Megatron-LM leaves None and needs CUDA)",
+    "tensor_parallel_num_weight_shards": "None here, which megatron-core reads as TP x 1, Megatron-LM's 1 at TP 1",
+    "expert_tensor_parallel_num_weight_shards": "the same for the experts",
+    "inference_sampling_seed": "inference only (Megatron-LM copies --seed into it)",
+}
+
+
+def test_the_transformer_config_is_megatron_lms_for_the_same_flags(monkeypatch, capsys):
+    """``moe-reg pretrain``'s TransformerConfig equals the one Megatron-LM's own parser, validate_args and
+    core_transformer_config_from_args build from the same command line (the fusions given off, as this
+    CPU machine fits them), field by field."""
+    import sys
+
+    from megatron.training.argument_utils import core_transformer_config_from_args
+    from megatron.training.arguments import parse_args as megatron_lm_parse_args
+    from megatron.training.arguments import validate_args
+
+    from megatron_moe_reg.training.arguments import parse_args
+    from megatron_moe_reg.training.model import transformer_config
+
+    from helpers import PARSE_BASE
+
+    flags = [*PARSE_BASE, "--bf16", "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+             "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "4",
+             "--train-iters", "100", "--lr", "1e-3", "--transformer-impl", "local", "--moe-router-topk", "2",
+             "--moe-token-dispatcher-type", "alltoall", "--moe-z-loss-coeff", "1e-3",
+             "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+             "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *flags, "--tokenizer-type", "NullTokenizer"])
+    args = megatron_lm_parse_args()
+    validate_args(args, {})
+    theirs = core_transformer_config_from_args(args)
+    ours = transformer_config(parse_args(flags, world_size=1), use_te=False)
+    capsys.readouterr()  # Megatron-LM prints its arguments
+    differences = []
+    for f in dataclasses.fields(theirs):
+        mine, megatron_lm = getattr(ours, f.name), getattr(theirs, f.name)
+        if f.name not in CONFIG_EXCEPTIONS and mine != megatron_lm and repr(mine) != repr(megatron_lm):
+            differences.append(f"{f.name}: ours {mine!r}, Megatron-LM {megatron_lm!r}")
+    assert differences == []
+    assert ours.bf16 and ours.num_moe_experts == 8 and ours.moe_token_dispatcher_type == "alltoall"

@@ -172,6 +172,7 @@ class TrainArgs:
     adam_eps: float = opt(1e-8, "Adam epsilon")
     clip_grad: float = opt(1.0, "gradient clipping norm (0: off)")
     bf16: bool = opt(False, "bf16 mixed precision")
+    attention_softmax_in_fp32: bool = opt(False, "attention masking and softmax in fp32 (default: the input's dtype)")
     calculate_per_token_loss: bool = opt(False, "normalise the loss by the global token count")
     check_for_nan_in_loss_and_grad: bool = opt(
         True, "stop before the update when the gradient norm is not finite (a non-finite loss makes it so)"

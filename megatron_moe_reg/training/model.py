@@ -93,6 +93,10 @@ def transformer_config(cfg: RunConfig, use_te: bool, experts: str = "sequential"
         masked_softmax_fusion=f.masked_softmax_fusion,
         apply_rope_fusion=f.apply_rope_fusion,
         persist_layer_norm=not f.no_persist_layer_norm,
+        deallocate_pipeline_outputs=True,  # as Megatron-LM: a stage's sent activations keep no storage
+        attention_softmax_in_fp32=t.attention_softmax_in_fp32,
+        cp_comm_type="p2p",  # Megatron-LM's default --cp-comm-type
+        transformer_impl=m.transformer_impl,
     )
     if p.recompute_modules is not None:
         kwargs["recompute_modules"] = p.recompute_modules
