@@ -90,10 +90,10 @@ CONFIG_EXCEPTIONS = {
 }
 
 
-def test_the_transformer_config_is_megatron_lms_for_the_same_flags(monkeypatch, capsys):
-    """``moe-reg pretrain``'s TransformerConfig equals the one Megatron-LM's own parser, validate_args and
-    core_transformer_config_from_args build from the same command line (the fusions given off, as this
-    CPU machine fits them), field by field."""
+def test_the_transformer_and_optimizer_configs_are_megatron_lms_for_the_same_flags(monkeypatch, capsys):
+    """``moe-reg pretrain``'s TransformerConfig and OptimizerConfig equal the ones Megatron-LM's parser,
+    validate_args, core_transformer_config_from_args and get_megatron_optimizer_config build from the
+    same command line (the fusions given off, as this CPU machine fits them), field by field."""
     import sys
 
     from megatron.training.argument_utils import core_transformer_config_from_args
@@ -107,7 +107,8 @@ def test_the_transformer_config_is_megatron_lms_for_the_same_flags(monkeypatch, 
 
     flags = [*PARSE_BASE, "--bf16", "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
              "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "4",
-             "--train-iters", "100", "--lr", "1e-3", "--transformer-impl", "local", "--moe-router-topk", "2",
+             "--train-iters", "100", "--lr", "1e-3", "--min-lr", "1e-4", "--clip-grad", "0.5",
+             "--use-distributed-optimizer", "--transformer-impl", "local", "--moe-router-topk", "2",
              "--moe-token-dispatcher-type", "alltoall", "--moe-z-loss-coeff", "1e-3",
              "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
              "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]
@@ -124,3 +125,22 @@ def test_the_transformer_config_is_megatron_lms_for_the_same_flags(monkeypatch, 
             differences.append(f"{f.name}: ours {mine!r}, Megatron-LM {megatron_lm!r}")
     assert differences == []
     assert ours.bf16 and ours.num_moe_experts == 8 and ours.moe_token_dispatcher_type == "alltoall"
+    _same_optimizer_config(flags, args)
+
+
+OPTIMIZER_EXCEPTIONS = {  # options of what this entry does not run: FP8, Muon, offloading, timers
+    "fp8_recipe", "muon_momentum", "optimizer_offload_fraction", "barrier_with_L1_time"}
+
+
+def _same_optimizer_config(flags, args):
+    from megatron.training.training import get_megatron_optimizer_config
+
+    from megatron_moe_reg.training.arguments import parse_args
+    from megatron_moe_reg.training.trainer import optimizer_config
+
+    theirs, _ = get_megatron_optimizer_config(args)
+    ours = optimizer_config(parse_args(flags, world_size=1), args.params_dtype)
+    differences = [f"{f.name}: ours {getattr(ours, f.name)!r}, Megatron-LM {getattr(theirs, f.name)!r}"
+                   for f in dataclasses.fields(theirs) if f.name not in OPTIMIZER_EXCEPTIONS
+                   and repr(getattr(ours, f.name)) != repr(getattr(theirs, f.name))]
+    assert differences == []

@@ -29,24 +29,29 @@ _AUX_LOSS_NAMES = {
 }
 
 
+def optimizer_config(cfg: RunConfig, params_dtype) -> OptimizerConfig:
+    """Megatron's OptimizerConfig of the run (Adam, as Megatron-LM's default --optimizer)."""
+    t = cfg.train
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
+    )
+
+
 def build_optimizer(cfg: RunConfig, model_chunks: list):
     t = cfg.train
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=t.bf16,
-            params_dtype=model_chunks[0].config.params_dtype,
-            use_distributed_optimizer=bool(cfg.parallel.use_distributed_optimizer),
-        ),
-        model_chunks,
-    )
+    # no config_overrides: megatron-core's standard ones, as Megatron-LM's (no weight decay on biases
+    # and 1-D parameters)
+    optimizer = get_megatron_optimizer(optimizer_config(cfg, model_chunks[0].config.params_dtype), model_chunks)
     # Megatron-LM's scheduler counts samples (steps x global batch), so its state loads in either trainer.
     gbs = cfg.global_batch_size
     scheduler = OptimizerParamScheduler(
