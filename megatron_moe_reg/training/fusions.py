@@ -17,32 +17,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.flags import flag_name
 from megatron_moe_reg.integration.megatron.fusion_kernels import fusions_without_kernels
 
 if TYPE_CHECKING:
-    from megatron_moe_reg.training.arguments import FusionArgs, RunConfig
+    from megatron_moe_reg.training.arguments import RunConfig
 
-COMPILED_FUSIONS = {  # FusionArgs field -> its flag that turns it off
-    "bias_gelu_fusion": "--no-bias-gelu-fusion",
-    "bias_swiglu_fusion": "--no-bias-swiglu-fusion",
-    "bias_dropout_fusion": "--no-bias-dropout-fusion",
-}
+COMPILED_FUSIONS = ("bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion")  # FusionArgs fields
 
 
-def is_on(fusion: FusionArgs, dest: str) -> bool:
-    """A fusion's state by Megatron's name (``persist_layer_norm`` is the flag ``no_persist_layer_norm``)."""
-    return not fusion.no_persist_layer_norm if dest == "persist_layer_norm" else getattr(fusion, dest)
-
-
-def _turn_off(fusion: FusionArgs, dest: str) -> None:
-    if dest == "persist_layer_norm":
-        fusion.no_persist_layer_norm = True
-    else:
-        setattr(fusion, dest, False)
-
-
-def _field(dest: str) -> str:
-    return "no_persist_layer_norm" if dest == "persist_layer_norm" else dest
+def _field(dest: str) -> tuple[str, bool]:
+    """The FusionArgs field of a Megatron fusion, and the value that turns it off (Megatron-LM's
+    ``--no-persist-layer-norm`` stores ``no_persist_layer_norm``)."""
+    return ("no_persist_layer_norm", True) if dest == "persist_layer_norm" else (dest, False)
 
 
 def _nothing(name: str) -> bool:
@@ -59,19 +46,20 @@ def fit_fusions(cfg: RunConfig, cuda: bool, te_layers: bool, can_import: Callabl
     unused = "bias_gelu_fusion" if m.swiglu else "bias_swiglu_fusion"  # the other activation's
     off = []  # without CUDA no kernel is usable, whatever imports
     for kernel in fusions_without_kernels(te_layers, can_import if cuda else _nothing):
-        if not is_on(f, kernel.dest):
+        name, off_value = _field(kernel.dest)
+        if getattr(f, name) == off_value:
             continue
-        if _field(kernel.dest) in cfg.explicit:
+        if name in cfg.explicit:
             flag = kernel.flag.replace("--no-", "--", 1)
             why = "there is no GPU here" if not cuda else "they are not installed here"
             raise ConfigError(f"{flag} needs {kernel.needs} on a GPU; {why}: use {kernel.flag}")
-        _turn_off(f, kernel.dest)
+        setattr(f, name, off_value)
         off.append(kernel.flag)
     if not cuda:
-        for name, flag in COMPILED_FUSIONS.items():
+        for name in COMPILED_FUSIONS:
             if name != unused and getattr(f, name) and name not in cfg.explicit:
-                _turn_off(f, name)
-                off.append(flag)
+                setattr(f, name, False)
+                off.append("--no-" + flag_name(name)[2:])
     if not off:
         return []
     where = "no GPU here" if not cuda else "no Apex / TransformerEngine kernels here"
