@@ -16,7 +16,7 @@ import pytest
 from helpers import MOCK, TINY_MODEL, data_flags, run_cli
 
 TINY = [*TINY_MODEL, "--train-iters", "2"]
-N_CASES = 41  # the rows of _cases
+N_CASES = 42  # the rows of _cases
 
 
 def _corrupt(dataset: dict, out: Path, how: str) -> dict:
@@ -82,6 +82,8 @@ def _cases(tmp: Path, dataset: dict) -> list[tuple[str, list[str], str]]:
         ("save under a file", [*p, *MOCK, "--save", str(a_file / "ck")], f"--save {a_file / 'ck'}: cannot write"),
         ("tensorboard under a file", [*p, *MOCK, "--tensorboard-dir", str(a_file / "tb")], "--tensorboard-dir"),
         ("log file under a file", [*p, *MOCK, "--log-file", str(a_file / "r.jsonl")], "--log-file"),
+        ("trace option without a trace", [*p, *MOCK, "--moe-routing-trace-dump-weights"],
+         "--moe-routing-trace-dump-weights needs --moe-routing-trace-path DIR"),
         ("latest names a partial save", [*p, *MOCK, "--load", str(stale)],
          "names iteration 5, which is missing or partial; the newest complete one is 3 (--ckpt-step 3)"),
         ("garbled latest", [*p, *MOCK, "--load", str(garbled)], "holds 'five', not an iteration"),

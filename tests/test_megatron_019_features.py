@@ -74,12 +74,17 @@ def test_quantile_balancing_trains_with_the_plugin_losses_under_ep2(tmp_path):
 @pytest.mark.compat
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not megatron_lm_available(), reason="needs megatron.training (0.19+) or MEGATRON_LM_PATH")
-def test_quantile_balancing_in_megatron_lms_loop_with_the_plugin():
+def test_quantile_balancing_in_megatron_lms_loop_with_the_plugin(tmp_path):
+    """Also: Megatron-LM's own router tracer records the plugin's router."""
     proc = run_megatron_lm([*MEGATRON_LM_MODEL, *QB, "--moe-router-type", "spectral", "--train-iters", "3",
                             "--moe-specialization-loss-coeff", "1e-2", "--moe-coupling-loss-coeff", "1e-2",
-                            "--no-bias-swiglu-fusion"])
+                            "--no-bias-swiglu-fusion", "--moe-routing-trace-path", str(tmp_path / "trace")])
     values = plugin_lines(proc.stdout)
     assert sorted(values) == [1, 2, 3] and all(v["specialization_loss"] > 0 for v in values.values())
+    records = [json.loads(line) for line in (tmp_path / "trace" / "router_trace_rank0.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["layer"]) for r in records) == [(s, la) for s in range(3) for la in (0, 1)
+                                                                 for _ in range(2)]  # 2 micro-batches
+    assert all(r["topk"] == 2 and r["num_tokens"] == 2 * 32 for r in records)
 
 
 def _router(kind, pg, **config_options):
@@ -145,3 +150,92 @@ def test_losses_and_metrics_skip_padded_tokens(tmp_path):
     assert {"specialization_loss", "coupling_loss", "routing_entropy"} <= set(names), sorted(masked)
     assert all(masked[n] == pytest.approx(masked_other[n], rel=1e-6, abs=1e-9) for n in names), values
     assert any(masked[n] != pytest.approx(unmasked[n], rel=1e-4) for n in names), values
+
+
+TRACE_MODULE_PRESENT = _mcore_019()
+
+
+@pytest.mark.compat
+def test_routing_trace_options_are_checked_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="--moe-routing-trace-capture-logits needs --moe-routing-trace-path DIR"):
+        parse_args([*PARSE_BASE, "--moe-routing-trace-capture-logits"], world_size=1)
+    trace = ["--moe-routing-trace-path", str(tmp_path / "trace")]
+    if not _mcore_019():
+        with pytest.raises(ConfigError, match="--moe-routing-trace-path needs megatron-core 0.19"):
+            parse_args([*PARSE_BASE, *trace], world_size=1)
+        return
+    parse_args([*PARSE_BASE, *trace, "--moe-routing-trace-capture-hidden-states"], world_size=1)
+    with pytest.raises(ConfigError, match="--moe-routing-trace-max-training-iters must be >= 1, got 0"):
+        parse_args([*PARSE_BASE, *trace, "--moe-routing-trace-max-training-iters", "0"], world_size=1)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file; give a directory"):
+        parse_args([*PARSE_BASE, "--moe-routing-trace-path", str(tmp_path / "a_file")], world_size=1)
+    (tmp_path / "trace").mkdir()
+    (tmp_path / "trace" / "hidden_states_rank0.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ConfigError, match="holds an earlier trace's hidden_states_rank0.bin; give a new directory"):
+        parse_args([*PARSE_BASE, *trace], world_size=1)
+    assert (tmp_path / "trace" / "hidden_states_rank0.bin").read_bytes() == b"\0" * 8  # untouched
+
+
+def test_a_resumed_trace_keeps_the_records_before_its_checkpoint(tmp_path):
+    from megatron_moe_reg.training.routing_trace import _earlier_records
+
+    path = tmp_path / "router_trace_rank0.jsonl"
+    lines = [json.dumps({"step": s, "layer": la, "top_indices": [[0, 1]]}) for s in range(3) for la in (0, 1)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 3, "layer": 0, "top_ind')  # a write cut short
+    assert _earlier_records(str(path), 2) == [line + "\n" for line in lines[:4]]
+    assert _earlier_records(str(path), 9) == [line + "\n" for line in lines]
+    assert _earlier_records(str(path), 0) == [] and _earlier_records(str(tmp_path / "none"), 2) == []
+
+
+def _trace_records(directory) -> dict[int, list[dict]]:
+    return {rank: [json.loads(line) for line in (directory / f"router_trace_rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+
+
+def _window_counts(records: list[dict], steps: range, layers: int, experts: int) -> torch.Tensor:
+    counts = torch.zeros(layers, experts)
+    for r in records:
+        if r["step"] in steps:
+            counts[r["layer"]] += torch.bincount(torch.tensor(r["top_indices"]).flatten(), minlength=experts)
+    return counts
+
+
+@needs_019
+@pytest.mark.compat
+@pytest.mark.multiprocess
+def test_routing_traces_hold_each_training_forward_once_in_megatrons_format(tmp_path):
+    """PP 2 with full recompute, 2 micro-batches and evaluation, the ERMoE router: one record per
+    (step, MoE layer, micro-batch) with global layer numbers, whose expert counts are the plugin's load
+    metrics; a resumed run keeps the steps before its checkpoint and appends the rest."""
+    trace, ck, log = tmp_path / "trace", tmp_path / "ck", tmp_path / "r.jsonl"
+    flags = [*TINY_MODEL, *MOCK, "--num-layers", "4", "--pipeline-model-parallel-size", "2", "--global-batch-size",
+             "8", "--micro-batch-size", "4", "--recompute-granularity", "full", "--recompute-method", "uniform",
+             "--recompute-num-layers", "1", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "2",
+             "--moe-router-type", "ermoe", "--moe-eigen-rank", "4", "--moe-routing-trace-path", str(trace),
+             "--save", str(ck), "--save-interval", "2", "--log-file", str(log)]
+    run_cli(["pretrain", *flags, "--train-iters", "4"], nproc=2)
+    records = _trace_records(trace)
+    for rank, layers in ((0, (0, 1)), (1, (2, 3))):
+        keys = [(r["step"], r["layer"]) for r in records[rank]]
+        assert sorted(keys) == sorted((s, la) for s in range(4) for la in layers for _ in range(2)), rank
+        for r in records[rank]:
+            assert (r["rank"], r["block"], r["num_tokens"], r["topk"]) == (rank, "decoder", 4 * 32, 2)
+            assert all(len(set(row)) == 2 and 0 <= min(row) and max(row) < 4 for row in r["top_indices"])
+    logged = [m for m in read_metrics(log) if "load_max_layer_0" in m]
+    assert [m["iteration"] for m in logged] == [2, 4]
+    everything = records[0] + records[1]
+    for m, steps in zip(logged, (range(0, 2), range(2, 4)), strict=True):
+        counts = _window_counts(everything, steps, 4, 4)
+        assert counts.sum() == 2 * 2 * 8 * 32 * 4  # steps x micro-batches x (4 x 32 tokens) x k x layers
+        assert counts.amax(1).tolist() == [m[f"load_max_layer_{i}"] for i in range(4)]
+        assert counts.amin(1).tolist() == [m[f"load_min_layer_{i}"] for i in range(4)]
+    earlier = [line for line in (trace / "router_trace_rank0.jsonl").read_text().splitlines()
+               if json.loads(line)["step"] < 2]
+    run_cli(["pretrain", *flags, "--train-iters", "6", "--load", str(ck), "--ckpt-step", "2",
+             "--moe-routing-trace-dump-weights"], nproc=2)
+    resumed = _trace_records(trace)
+    assert (trace / "router_trace_rank0.jsonl").read_text().splitlines()[:len(earlier)] == earlier
+    for rank, layers in ((0, (0, 1)), (1, (2, 3))):
+        keys = [(r["step"], r["layer"]) for r in resumed[rank]]
+        assert sorted(keys) == sorted((s, la) for s in range(6) for la in layers for _ in range(2)), rank

@@ -11,6 +11,7 @@ from megatron_moe_reg import flags
 from megatron_moe_reg.config import ModelShape, PluginConfig
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import opt
+from megatron_moe_reg.training.routing_trace import check_trace_options
 
 # Megatron-LM's choices, and which of them this entry builds (the others stop with one line)
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "relative", "none")
@@ -224,6 +225,15 @@ class LoggingArgs:
     tensorboard_dir: str | None = opt(None, "TensorBoard log directory")
     progress_bar: bool = opt(True, "progress bar on rank 0")
     log_file: str | None = opt(None, "also write per-step metrics as JSON lines here")
+    moe_routing_trace_path: str | None = opt(
+        None, "write Megatron's router decision traces here (router_trace_rank*.jsonl; megatron-core 0.19+)"
+    )
+    moe_routing_trace_max_training_iters: int | None = opt(
+        None, "trace at most N iterations of this launch (default: all)"
+    )
+    moe_routing_trace_capture_logits: bool = opt(False, "also write each router call's pre-top-k logits")
+    moe_routing_trace_capture_hidden_states: bool = opt(False, "also write each router call's input hidden states")
+    moe_routing_trace_dump_weights: bool = opt(False, "also write each router's weight matrix and expert bias")
 
 
 GROUPS: tuple[tuple[str, type, str], ...] = (
@@ -582,6 +592,7 @@ def validate(cfg: RunConfig) -> None:
         if m.vocab_size is None:
             raise ConfigError("--vocab-size is required with --mock-data or --tokenizer-type NullTokenizer")
     check_paths(cfg)
+    check_trace_options(cfg.log, cfg.explicit)
     if cfg.ckpt.save_interval is not None and cfg.ckpt.save_interval < 1:
         raise ConfigError("--save-interval must be >= 1")
     if cfg.ckpt.save_interval and not cfg.ckpt.save and "save_interval" in cfg.command_line:

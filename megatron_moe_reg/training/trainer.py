@@ -19,6 +19,7 @@ from megatron_moe_reg.training.arguments import RunConfig
 from megatron_moe_reg.training.data import build_datasets, make_loader, needs_data
 from megatron_moe_reg.training.preemption import EarlyExit
 from megatron_moe_reg.training.reporting import Reporter
+from megatron_moe_reg.training.routing_trace import start_trace
 from megatron_moe_reg.training.step import NonFiniteStep, TrainingContext, evaluate, train_step
 from megatron_moe_reg.training.tokenizer import build_tokenizer
 
@@ -220,6 +221,7 @@ def train(ctx: TrainingContext) -> dict:
         cfg.train.exit_signal_handler, cfg.train.exit_duration_in_mins, "cuda" if distributed.on_gpu() else "cpu"
     )
     preempted = False
+    trace = start_trace(cfg, ctx.model, iteration)
     try:
         while iteration < cfg.train.train_iters:
             started = time.time()
@@ -235,6 +237,8 @@ def train(ctx: TrainingContext) -> dict:
                 metrics.update(regularizers.finish_step(iteration + 1, reporter.writer))
             iteration += 1
             consumed += cfg.global_batch_size
+            if trace is not None:
+                trace.end_step(iteration)
             reporter.step(iteration, metrics, time.time() - started)
             last = metrics
             if (
@@ -261,6 +265,8 @@ def train(ctx: TrainingContext) -> dict:
         if cfg.ckpt.save and saved_at != iteration:
             checkpointing.save_checkpoint(ctx, iteration, consumed)
     finally:
+        if trace is not None:
+            trace.close()
         early_exit.close()
         reporter.close()
     return {"iteration": iteration, "train": last, "validation": validation}

@@ -131,6 +131,11 @@ def nvtx_noop(*args, **kwargs) -> int:
     return 0
 
 
+def no_graph_capture() -> bool:
+    """``torch.cuda.is_current_stream_capturing``: no CUDA graph is ever captured on the CPU."""
+    return False
+
+
 def cpu_rng_tracker(_original: Any) -> Any:
     """Megatron's own ``CudaRNGStatesTracker`` with its named states held as CPU generator states
     (fork, activation recompute and seeding work unchanged)."""

@@ -166,6 +166,14 @@ PATCHES: tuple[Patch, ...] = (
         _const(host.nvtx_noop),
     ),
     _cpu(
+        "cpu.is_current_stream_capturing",
+        "torch.cuda:is_current_stream_capturing",
+        "the router tracer (--moe-routing-trace-path) skips calls made while a CUDA graph is captured; "
+        "the query raises on CPU-only torch builds",
+        _const(host.no_graph_capture),
+        versions="0.19",
+    ),
+    _cpu(
         "cpu.get_cuda_rng_state",
         "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
         "RNG tracker fork and activation recompute read the device RNG state",
