@@ -132,6 +132,9 @@ main() {
     [[ $2 != install && ! -d $SITE ]] && steps=(install "$2")
   fi
   export PYTHONPATH="$ROOT:$ROOT/$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  # Triton's autotuning results on disk: the training step's three processes (and Megatron-LM's run)
+  # time each kernel's configurations at a shape once, not once per process
+  export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
   {
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
