@@ -12,6 +12,7 @@ import torch
 from megatron_moe_reg.config import ROUTER_TYPES, PluginConfig
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.training.arguments import parse_args
+from megatron_moe_reg.training.input_checks import check_run_inputs
 
 from helpers import (
     MEGATRON_LM_MODEL,
@@ -169,12 +170,25 @@ def test_routing_trace_options_are_checked_in_one_line(tmp_path):
         parse_args([*PARSE_BASE, *trace, "--moe-routing-trace-max-training-iters", "0"], world_size=1)
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ConfigError, match="is a file; give a directory"):
-        parse_args([*PARSE_BASE, "--moe-routing-trace-path", str(tmp_path / "a_file")], world_size=1)
-    (tmp_path / "trace").mkdir()
+        check_run_inputs(parse_args([*PARSE_BASE, "--moe-routing-trace-path", str(tmp_path / "a_file")], world_size=1))
+    earlier = tmp_path / "trace" / "router_trace_rank0.jsonl"
+    earlier.parent.mkdir()
+    earlier.write_text('{"step": 0}\n')
+    with pytest.raises(ConfigError, match="holds an earlier run's router_trace_rank0.jsonl, which this run, starting "
+                                          "at iteration 0, would overwrite; give a new directory, or resume"):
+        check_run_inputs(parse_args([*PARSE_BASE, *trace], world_size=1))
+    ck = tmp_path / "ck"
+    (ck / "iter_0000002").mkdir(parents=True)
+    (ck / "iter_0000002" / "metadata.json").write_text("{}")
+    (ck / "latest_checkpointed_iteration.txt").write_text("2")
+    check_run_inputs(parse_args([*PARSE_BASE, *trace, "--load", str(ck)], world_size=1))  # a resumed run continues
+    with pytest.raises(ConfigError, match="would overwrite"):
+        check_run_inputs(parse_args([*PARSE_BASE, *trace, "--load", str(ck), "--finetune"], world_size=1))
     (tmp_path / "trace" / "hidden_states_rank0.bin").write_bytes(b"\0" * 8)
     with pytest.raises(ConfigError, match="holds an earlier trace's hidden_states_rank0.bin; give a new directory"):
-        parse_args([*PARSE_BASE, *trace], world_size=1)
-    assert (tmp_path / "trace" / "hidden_states_rank0.bin").read_bytes() == b"\0" * 8  # untouched
+        check_run_inputs(parse_args([*PARSE_BASE, *trace, "--load", str(ck)], world_size=1))
+    assert earlier.read_text() == '{"step": 0}\n'  # untouched
+    assert (tmp_path / "trace" / "hidden_states_rank0.bin").read_bytes() == b"\0" * 8
 
 
 def test_a_resumed_trace_keeps_the_records_before_its_checkpoint(tmp_path):

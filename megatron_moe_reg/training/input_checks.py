@@ -9,7 +9,8 @@
 - output locations (``--save``, ``--tensorboard-dir``, ``--log-file``'s folder) can be created and
   written;
 - ``--load``: its ``latest_checkpointed_iteration.txt`` names a complete iteration (else the newest
-  complete one is named, for ``--ckpt-step``).
+  complete one is named, for ``--ckpt-step``);
+- ``--moe-routing-trace-path``: writable, and no earlier trace in it would be overwritten.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_moe_reg.errors import ConfigError
+from megatron_moe_reg.training.routing_trace import check_trace_dir
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset's
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
@@ -215,6 +217,17 @@ def check_run_inputs(cfg) -> None:
         check_writable_dir(os.path.dirname(os.path.abspath(log.log_file)), "--log-file")
     if ck.load:
         check_checkpoint_dir(ck.load, ck.ckpt_step, resuming_into_save=ck.load == ck.save)
+    if log.moe_routing_trace_path:
+        check_trace_dir(log.moe_routing_trace_path, resumes=resumes_from_checkpoint(ck))
+        check_writable_dir(log.moe_routing_trace_path, "--moe-routing-trace-path")
+
+
+def resumes_from_checkpoint(ck) -> bool:
+    """The run continues a checkpoint's iteration (``--load`` holds one, and no ``--finetune``); call
+    after ``check_checkpoint_dir``."""
+    if not ck.load or ck.finetune:
+        return False
+    return ck.ckpt_step is not None or (Path(ck.load) / TRACKER_FILE).is_file()
 
 
 def check_output_outside(out: str, flag: str, loads: list[str]) -> None:

@@ -19,8 +19,8 @@ micro-batch of one layer:
 - ``layer`` is the router's global 0-based layer index under pipeline parallelism too (Megatron-LM
   reads it from the module name, which numbers each stage's layers from 0);
 - a resumed run keeps the earlier run's records of the steps before its checkpoint and appends to
-  them (Megatron's tracer truncates the file); a trace with sidecars is not continued (see
-  ``check_trace_dir``).
+  them (Megatron's tracer truncates the file); a run that starts at iteration 0 does not write over
+  an earlier trace, and a trace with sidecars is not continued (``check_trace_dir``).
 
 Tracing reads each record's indices on the host: it adds a host-device synchronization per router
 call while it runs. (No torch at import: the options are checked while the flags are parsed.)
@@ -66,19 +66,26 @@ def check_trace_options(log, explicit: frozenset) -> None:
     limit = log.moe_routing_trace_max_training_iters
     if limit is not None and limit < 1:
         raise ConfigError(f"--moe-routing-trace-max-training-iters must be >= 1, got {limit}")
-    check_trace_dir(log.moe_routing_trace_path)
 
 
-def check_trace_dir(directory: str) -> None:
-    """A directory holding an earlier trace's sidecars is not reused: their records' byte offsets
-    cannot be continued, and Megatron's tracer would overwrite them."""
+def check_trace_dir(directory: str, resumes: bool) -> None:
+    """Nothing of an earlier trace in ``directory`` is overwritten: its sidecars are never continued
+    (their records' byte offsets cannot be), and its records only by a run that resumes (``resumes``:
+    from a checkpoint, keeping the steps before it)."""
+    flag = f"--moe-routing-trace-path {directory}"
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ConfigError(f"--moe-routing-trace-path {directory} is a file; give a directory")
+        raise ConfigError(f"{flag} is a file; give a directory")
     found = sorted(path for pattern in SIDECARS for path in glob.glob(os.path.join(directory, pattern)))
     if found:
         raise ConfigError(
-            f"--moe-routing-trace-path {directory} holds an earlier trace's {os.path.basename(found[0])}; "
-            "give a new directory (a trace with sidecars is not continued, and would be overwritten)"
+            f"{flag} holds an earlier trace's {os.path.basename(found[0])}; give a new directory "
+            "(a trace with sidecars is not continued, and would be overwritten)"
+        )
+    traces = sorted(p for p in glob.glob(os.path.join(directory, "router_trace_rank*.jsonl")) if os.path.getsize(p))
+    if traces and not resumes:
+        raise ConfigError(
+            f"{flag} holds an earlier run's {os.path.basename(traces[0])}, which this run, starting at "
+            "iteration 0, would overwrite; give a new directory, or resume that run with --load"
         )
 
 
