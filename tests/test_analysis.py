@@ -65,6 +65,9 @@ def test_report_compares_checkpoints_and_links_existing_images(checkpoints):
         assert 0 <= layer["coactivation_overlap"] <= 1 and -1 <= layer["pes"] <= 1
     for t in base["transitions"]:
         assert sum(map(sum, t["counts"])) == 1024 and t["mutual_information"] >= 0
+        assert 0 < t["predicted_load_cosine"] <= 1 and -1 <= t["predicted_load_spearman"] <= 1
+        assert 0 <= t["predicted_topk_overlap"] <= 1
+    assert "predicted_topk_overlap" in report["summary"]["eigen"]
     page = (out / "report" / "index.html").read_text()
     images = re.findall(r'src="([^"]+)"', page)
     assert any("transition" in i for i in images) and any("expert_domain" in i for i in images)
@@ -158,3 +161,38 @@ def test_adapt_named_experts_and_bad_domain(checkpoints, embedded_dataset):
     proc = _adapt(out, "bad", ["--domain", domain, "--save", str(out / "ermoe")], data, check=False)
     assert proc.returncode == 2 and "already holds a checkpoint" in proc.stderr
     assert (out / "ermoe" / "latest_checkpointed_iteration.txt").read_bytes() == tracker
+
+
+@pytest.mark.parametrize("kind", ["topk", "ermoe"])
+def test_a_captured_layers_router_reroutes_its_own_inputs_exactly(kind, groups):
+    """The predictability metrics' router call (``LayerCapture.route``) gives the routing the layer
+    made in its forward, and is not captured itself."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_moe_reg.analysis.evaluate import LayerCapture
+    from megatron_moe_reg.config import PluginConfig
+    from megatron_moe_reg.routers import ROUTERS
+
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=4, num_moe_experts=6,
+                               moe_router_topk=2, moe_router_dtype="fp32", use_cpu_initialization=True,
+                               add_bias_linear=False)
+    extra = {"moe_eigen_rank": 3} if kind == "ermoe" else {}
+    router = ROUTERS[kind](config=config, pg_collection=groups, plugin=PluginConfig(moe_router_type=kind, **extra))
+    router.set_layer_number(1)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = router
+
+        def forward(self, hidden_states):
+            return self.router(hidden_states)
+
+    layer = Layer().eval()
+    capture = LayerCapture(layer)
+    with torch.no_grad():
+        layer(torch.randn(7, 3, 16))
+        rerouted = capture.route(torch.cat(capture.inputs))
+    assert len(capture.maps) == 1 and torch.equal(rerouted, capture.routing_map())
+    capture.remove()

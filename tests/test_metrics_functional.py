@@ -131,3 +131,25 @@ def test_router_geometry_of_orthonormal_rows():
     assert geometry["router_stable_rank"] == pytest.approx(4.0)
     assert geometry["router_row_orthogonality_error"] == pytest.approx(0.0, abs=1e-10)
     assert float(metrics.row_orthogonality_error(torch.ones(2, 3))) == pytest.approx(math.sqrt(2))
+
+
+def test_average_ranks_and_load_agreement_by_hand():
+    assert metrics.average_ranks(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist() == [1.0, 4.0, 2.5, 2.5]
+    counts = torch.tensor([5.0, 1.0, 3.0, 0.0])
+    assert metrics.load_agreement(counts, counts) == (pytest.approx(1.0), pytest.approx(1.0))
+    cosine, rho = metrics.load_agreement(counts, torch.tensor([0.0, 3.0, 1.0, 5.0]))  # ranks reversed
+    assert rho == pytest.approx(-1.0) and cosine == pytest.approx(6 / 35)  # (5*0 + 1*3 + 3*1 + 0*5) / 35
+    # ranks [4, 2, 3, 1] vs [1, 3, 2, 4] with one tie: Pearson of the ranks by hand
+    cosine, rho = metrics.load_agreement(torch.tensor([4.0, 2.0, 3.0, 1.0]), torch.tensor([1.0, 2.0, 2.0, 4.0]))
+    ra, rb = torch.tensor([4.0, 2, 3, 1]) - 2.5, torch.tensor([1.0, 2.5, 2.5, 4]) - 2.5
+    assert rho == pytest.approx(float((ra * rb).sum() / (ra.norm() * rb.norm())))
+    assert metrics.load_agreement(torch.ones(4), counts)[1] is None  # a constant load has no ranks
+    assert metrics.load_agreement(torch.zeros(4), counts) == (None, None)
+
+
+def test_topk_overlap_by_hand():
+    actual = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    predicted = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert metrics.topk_overlap(predicted, actual) == pytest.approx((1 + 0 + 0.5) / 3)
+    assert metrics.topk_overlap(actual, actual) == 1.0
+    assert metrics.topk_overlap(actual[:0], actual[:0]) == 0.0

@@ -13,8 +13,9 @@ Per MoE layer it captures the layer input x, the router logits and routing map, 
 (``metrics``): routing entropy, load statistics, the co-activation overlap of the routed experts'
 SwiGLU intermediates, PES and activation MSO of all experts on the first S tokens, weight MSO,
 router geometry, expert x domain counts and NMI, and the transitions of top-1 experts between
-consecutive MoE layers. Costs: one forward over N tokens, one extra pass of the routed experts
-over N tokens, and E expert passes over S tokens per MoE layer.
+consecutive MoE layers with the predictability of each layer's routing from the previous MoE layer's
+inputs (``metrics.predictability``). Costs: one forward over N tokens, one extra pass of the routed
+experts and of each router over N tokens, and E expert passes over S tokens per MoE layer.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class LayerCapture:
         self.probs: list[torch.Tensor] = []
         self.handle = layer.register_forward_pre_hook(self._pre, with_kwargs=True)
         router = layer.router
-        original = router.routing
+        original = self._route_logits = router.routing
 
         def routing(logits, *args, **kwargs):
             probs, routing_map = original(logits, *args, **kwargs)
@@ -149,6 +150,12 @@ class LayerCapture:
 
     def routing_map(self) -> torch.Tensor:
         return torch.cat(self.maps).bool()
+
+    def route(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The routing map this layer's router gives tokens ``x_TH`` (not captured)."""
+        router = self.layer.router
+        _, routing_map = self._route_logits(router.gating(x_TH.to(next(router.parameters()).dtype)))
+        return routing_map.bool()
 
     def top1(self) -> torch.Tensor:
         """Each token's routed expert with the largest probability."""
@@ -339,12 +346,18 @@ def _layer_results(cfg, model, data, layers, captures, load, prefixes, micro_bat
     result["transitions"] = []
     for i in range(len(layers) - 1):
         joint = metrics.joint_counts(top1[i], top1[i + 1], cfg.moe.num_experts, cfg.moe.num_experts)
+        actual = captures[i + 1].routing_map()
+        predicted = captures[i + 1].route(torch.cat(captures[i].inputs))  # layer i+1's router on layer i's inputs
+        cosine, spearman = metrics.load_agreement(predicted.sum(0), actual.sum(0))
         result["transitions"].append(
             {
                 "from_layer": layers[i].layer_number,
                 "to_layer": layers[i + 1].layer_number,
                 "mutual_information": metrics.pathway_mutual_information(top1[i], top1[i + 1], cfg.moe.num_experts),
                 "conditional_entropy": metrics.pathway_conditional_entropy(top1[i], top1[i + 1], cfg.moe.num_experts),
+                "predicted_load_cosine": cosine,
+                "predicted_load_spearman": spearman,
+                "predicted_topk_overlap": metrics.topk_overlap(predicted, actual),
                 "counts": joint.tolist(),
             }
         )

@@ -35,7 +35,7 @@ def _plt():
     return plt
 
 
-def summary(result: dict) -> dict[str, float]:
+def summary(result: dict) -> dict[str, float | None]:
     """Checkpoint-level numbers: the summary values and the mean over MoE layers of each metric."""
     out = {k: result[k] for k in SUMMARY}
     layers = result["layers"]
@@ -51,6 +51,9 @@ def summary(result: dict) -> dict[str, float]:
     if transitions:
         out["pathway_mutual_information"] = sum(t["mutual_information"] for t in transitions) / len(transitions)
         out["pathway_conditional_entropy"] = sum(t["conditional_entropy"] for t in transitions) / len(transitions)
+        for key in ("predicted_load_cosine", "predicted_load_spearman", "predicted_topk_overlap"):
+            defined = [t[key] for t in transitions if t.get(key) is not None]  # absent in older results
+            out[key] = sum(defined) / len(defined) if defined else None
     return out
 
 
@@ -140,6 +143,10 @@ def comparison_plots(plt, results: dict[str, dict], out: Path) -> list[str]:
     return files
 
 
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.5g}"  # None: undefined (e.g. a constant load for Spearman)
+
+
 def write_report(results: dict[str, dict], out: Path) -> Path:
     """Write metrics.json, the PNGs and index.html into ``out``; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,7 @@ def write_report(results: dict[str, dict], out: Path) -> Path:
     shared = comparison_plots(plt, results, out)
     names = list(results)
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{summaries[n][k]:.5g}</td>" for n in names) + "</tr>"
+        f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{_cell(summaries[n][k])}</td>" for n in names) + "</tr>"
         for k in summaries[names[0]]
     )
     head = "".join(

@@ -1,7 +1,7 @@
 """Routing-analysis metrics: pure functions on routings, activations and weights (no gradient).
 
 Formulas and source labels are in each module; the live per-layer logging is in
-``integration/routing_stats.py`` and the offline report in ``analysis/``.
+``integration/regularizers/routing.py`` and the offline report in ``analysis/``.
 """
 
 from megatron_moe_reg.metrics.geometry import router_geometry, row_orthogonality_error
@@ -18,6 +18,7 @@ from megatron_moe_reg.metrics.pathways import (
     pathway_mutual_information,
     top_pathway_share,
 )
+from megatron_moe_reg.metrics.predictability import average_ranks, load_agreement, topk_overlap
 from megatron_moe_reg.metrics.routing import (
     load_entropy,
     load_statistics,
@@ -28,8 +29,10 @@ from megatron_moe_reg.metrics.routing import (
 
 __all__ = [
     "activation_mso",
+    "average_ranks",
     "coactivation_overlap",
     "joint_counts",
+    "load_agreement",
     "load_entropy",
     "load_statistics",
     "normalized_mutual_information",
@@ -42,5 +45,6 @@ __all__ = [
     "routing_entropy",
     "row_orthogonality_error",
     "top_pathway_share",
+    "topk_overlap",
     "weight_mso",
 ]
