@@ -1,8 +1,9 @@
 """A training step that is not a log step makes no host-device synchronizing call from the
 plugin's own code (tests/sync_watch.py), with R_sp and R_cp on: one process, and EP 2 with both
-dispatchers (the token subsample's metadata path under alltoall), and the Triton experts and R_sp's
+dispatchers (the token subsample's metadata path under alltoall), the Triton experts and R_sp's
 Triton Gram kernels in Triton's interpreter (their host-side wrappers, which a GPU runs compiled; the
-interpreter's own reads are Triton's, not counted).
+interpreter's own reads are Triton's, not counted), and each plugin router with the router penalties
+and the weight-orthogonality loss.
 Allowed count: 0."""
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, run_script
+from helpers import PENALTIES, ROOT, ROUTER_FLAGS, run_script
 
 WATCH = Path(__file__).parent / "sync_watch.py"
 BASE = ["--config", str(ROOT / "examples" / "tiny_cpu.toml"), "--mock-data", "--vocab-size", "512",
@@ -25,6 +26,10 @@ LAYOUTS = {
                           "--moe-grouped-gemm-backend", "sequential"]),
     "one-process-triton-experts-interpreted": (1, ["--moe-grouped-gemm-backend", "triton",
                                                    "--moe-specialization-gram-kernel", "triton"]),
+    # every plugin router with both router penalties and the weight-orthogonality loss
+    **{f"one-process-{kind}-router-penalties-orthogonality": (1, [
+        *flags, *PENALTIES, "--moe-weight-orthogonality-coeff", "1e-2", "--moe-grouped-gemm-backend", "sequential",
+        *(["--moe-z-loss-coeff", "0"] if kind == "prototype" else [])]) for kind, flags in ROUTER_FLAGS.items()},
 }
 INTERPRETED = {"TRITON_INTERPRET": "1"}
 
