@@ -35,12 +35,15 @@ PURE=(megatron-core==0.19.2 six einops pytest-timeout pytest-xdist execnet packa
 BINARY=(regex pyyaml psutil)  # psutil: megatron-core's checkpoint writer
 WITH_DEPS=(pydantic)  # resolved with its dependencies: pydantic pins its pydantic-core
 # the training step's model: the benchmark's arguments with each expert backend, and the watched
-# run's pretrain flags (10 iterations would end the config's 10 warm-up iterations)
+# run's pretrain flags (10 iterations would end the config's 10 warm-up iterations; the ERMoE router
+# with both router penalties, so that its QR and power iterations are watched too)
 BENCH=(--config examples/gpu_mid.toml --vocab-size 32768)
 BENCH_TRITON=("${BENCH[@]}" -- --moe-grouped-gemm-backend triton)
 BENCH_SEQUENTIAL=("${BENCH[@]}" -- --moe-grouped-gemm-backend sequential)
 WATCH=(--mock-data "${BENCH[@]}" --train-iters 20 --log-interval 5 --eval-iters 0
-       --moe-specialization-loss-coeff 2e-3 --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton)
+       --moe-specialization-loss-coeff 2e-3 --moe-coupling-loss-coeff 1e-3 --moe-grouped-gemm-backend triton
+       --moe-router-type ermoe --moe-eigen-rank 16 --moe-router-spectral-penalty-coeff 1e-2
+       --moe-router-stable-rank-coeff 1e-2)
 
 step_command() {  # the command of a step, one string (the dry run parses it)
   case $1 in
