@@ -5,6 +5,7 @@ finished run and resumes the interrupted one from its checkpoint."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,8 @@ y = "activation MSO"
         "load CV",
         "dead experts",
         "pathway MI",
+        "cross-layer top-k overlap",
+        "predicted load cosine",
         "expert-domain NMI",
         "interference (loss)",
         "interference (accuracy)",
@@ -173,7 +176,8 @@ y = "activation MSO"
     assert changed.returncode == 2 and "started with another base" in changed.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("name", ["specialization", "routers", "orthogonality", "interference"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "examples" /
+                                                           "studies").glob("*.toml")))
 def test_example_studies_are_valid_specs(name, monkeypatch, tmp_path, embedded_dataset):
     """Each example spec, as written (claims and [adapt] included), with the corpus paths pointed
     at a small dataset built the same way: every variant's flags parse, every claim names a metric

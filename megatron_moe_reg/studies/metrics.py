@@ -18,9 +18,15 @@ def _layer_mean(result: dict, key: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def _pathway_mi(result: dict) -> float:
-    transitions = result["transitions"]
-    return statistics.fmean(t["mutual_information"] for t in transitions) if transitions else math.nan
+def _transition_mean(key: str):
+    """The mean over consecutive MoE-layer pairs of a transition value (nan where none is defined)."""
+
+    def read(result: dict) -> float:
+        values = [t.get(key) for t in result["transitions"]]
+        values = [v for v in values if v is not None]
+        return statistics.fmean(values) if values else math.nan
+
+    return read
 
 
 def _adapt(*keys: str):
@@ -45,7 +51,10 @@ METRICS = {
     "weight MSO": (lambda r: _layer_mean(r, "weight_mso_fc1"), None),
     "load CV": (lambda r: _layer_mean(r, "load_cv"), None),  # metrics.load_statistics, per layer
     "dead experts": (lambda r: _layer_mean(r, "dead_experts"), True),
-    "pathway MI": (_pathway_mi, None),
+    "pathway MI": (_transition_mean("mutual_information"), None),
+    # analyze's router predictability (metrics.predictability): layer l's router on layer l-1's inputs
+    "cross-layer top-k overlap": (_transition_mean("predicted_topk_overlap"), None),
+    "predicted load cosine": (_transition_mean("predicted_load_cosine"), None),
     "expert-domain NMI": (lambda r: _layer_mean(r, "expert_domain_nmi"), None),
     # SR-MoE's interference test (moe-reg adapt): loss rise / accuracy drop on the other domains
     "interference (loss)": (_adapt("interference", "lm_loss"), True),
