@@ -94,3 +94,45 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, straight)
     assert not [line for line in proc.stderr.splitlines() if "megatron" in line and line.strip().startswith('File "')]
     assert not (ck / "iter_0000006.partial").exists()
     assert _check_and_resume(tmp_path, ck, straight) == 3
+
+
+_WRITER_QUEUE = """
+import sys, time
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+if sys.argv[1] == "plugin":
+    from megatron_moe_reg.integration.megatron import patches
+    patches.prepare_checkpoint_writer()
+    queue = fa._results_queue
+else:  # megatron-core's own
+    queue = (getattr(fa, "get_write_results_queue", None) or fa._get_write_results_queue)()
+print(queue._manager._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("writer", ["plugin", "megatron-core"])
+def test_the_checkpoint_writers_helper_server_ends_with_a_killed_rank(writer):
+    """megatron-core's torch_dist writer keeps a Manager server per rank; a rank killed by SIGKILL
+    left it running (the control), the plugin's ends with the rank."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER_QUEUE, writer], stdout=subprocess.PIPE, text=True,
+                            env=child_env(), start_new_session=True)
+    server = int(proc.stdout.readline())
+    try:
+        assert _running(server)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline and _running(server):
+            time.sleep(0.05)
+        assert _running(server) == (writer == "megatron-core")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moe_reg.config import PluginConfig
 from megatron_moe_reg.errors import ConfigError, RunStopped
+from megatron_moe_reg.integration.megatron import patches
 from megatron_moe_reg.training import checkpoint_layout as layout
 from megatron_moe_reg.training.distributed import print_rank0
 from megatron_moe_reg.training.finite import all_finite
@@ -160,6 +161,7 @@ def save_checkpoint(ctx, iteration: int, consumed_samples: int) -> Path:
             f"iteration {iteration}: the model's weights are not finite; no checkpoint written (last good: "
             f"{last_checkpoint(root) or 'none'})"
         )
+    patches.prepare_checkpoint_writer()  # its helper server ends with this rank
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:

@@ -12,7 +12,9 @@ why it is needed, and when it is applied (``scope``):
 - ``megatron-lm-cpu``: Megatron-LM's initialize path without CUDA, while the add-on runs it on a CPU;
 - ``training``: while ``moe-reg pretrain``'s optimizer step runs (``replaced``), restored after;
 - ``data``: while the datasets are built;
-- ``compat``: Megatron state that ``compat`` edits in place when it reports.
+- ``compat``: Megatron state that ``compat`` edits in place when it reports;
+- ``checkpoint``: before a process's first torch_dist save, by either driver
+  (``prepare_checkpoint_writer``), for the life of the process.
 
 ``kind``: ``replace`` (the attribute exists and is replaced), ``define`` (the attribute is missing
 in those versions and is defined) or ``mutate`` (an object reached through the target is edited).
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
+from megatron_moe_reg.integration.megatron import child_processes
 from megatron_moe_reg.integration.megatron import host_device as host
 
 SOURCES = ("megatron-core", "megatron-lm", "megatron-lm-checkout")
@@ -46,6 +49,7 @@ class Patch:
     versions: str  # megatron-core minor versions, "0.16" or "0.16-0.19"
     reason: str
     scope: str  # "cpu" | "megatron-core" | "megatron-lm" | "megatron-lm-cpu" | "training" | "data" | "compat"
+    #             | "checkpoint"
     make: Callable[[Any], Any] | None = None  # original -> replacement (cpu rows); None: given at apply time
     kind: str = "replace"  # "replace" | "define" | "mutate"
     source: str = "megatron-core"
@@ -241,6 +245,16 @@ PATCHES: tuple[Patch, ...] = (
         _const(None),
         kind="define",
     ),
+    # ---------------------------------------------------------------- checkpoint writer (before the first save)
+    Patch(
+        "checkpoint.write-results-queue",
+        "megatron.core.dist_checkpointing.strategies.filesystem_async:_results_queue",
+        "0.16-0.19",
+        "the torch_dist writer's results queue lives in a Manager server per rank, which outlived a rank "
+        "killed by a signal (the OOM killer, a scheduler); this one ends with its rank (child_processes)",
+        "checkpoint",
+        lambda original: original if original is not None else child_processes.queue_ending_with_parent(),
+    ),
     # ---------------------------------------------------------------- Megatron-LM add-on (during pretrain)
     Patch(
         "megatron-lm.block-spec",
@@ -416,6 +430,14 @@ def fix_megatron_core() -> int:
         return 0
     _APPLIED_SCOPES.add("megatron-core")
     return apply_scope("megatron-core")
+
+
+def prepare_checkpoint_writer() -> int:
+    """Apply the rows of scope ``checkpoint`` (once, before the first save); returns the count."""
+    if "checkpoint" in _APPLIED_SCOPES:
+        return 0
+    _APPLIED_SCOPES.add("checkpoint")
+    return apply_scope("checkpoint")
 
 
 @contextlib.contextmanager

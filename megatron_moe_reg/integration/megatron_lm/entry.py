@@ -121,6 +121,8 @@ def _run(argv: list[str] | None, script: str, run: Callable[[], object], sources
     _print0(megatron_core_in_use())
     compat.check_version()
     patches.fix_megatron_core()  # on any machine
+    if "--save" in _given(megatron_argv):
+        patches.prepare_checkpoint_writer()  # the writer's helper server ends with this rank
     cuda = torch.cuda.is_available()
     megatron_argv, note = machine_flags(megatron_argv, cuda)
     if note:
