@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 
+from megatron_moe_reg import flags
 from megatron_moe_reg.errors import ConfigError
 
 TRACER_MODULE = "megatron.core.transformer.moe.router_trace"
@@ -55,8 +56,9 @@ def check_trace_options(log, explicit: frozenset) -> None:
     if not log.moe_routing_trace_path:
         given = [name for name in TRACE_OPTIONS if name in explicit and getattr(log, name)]
         if given:
-            flag = "--" + given[0].replace("_", "-")
-            raise ConfigError(f"{flag} needs --moe-routing-trace-path DIR (the directory of the traces)")
+            raise ConfigError(
+                f"{flags.flag_name(given[0])} needs --moe-routing-trace-path DIR (the directory of the traces)"
+            )
         return
     if importlib.util.find_spec(TRACER_MODULE) is None:
         raise ConfigError(
