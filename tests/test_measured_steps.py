@@ -3,6 +3,8 @@ geometry from the row Gram equals the SVD's, the weight MSO appears for both kin
 ``--moe-metrics-interval`` steps (the trained kind on every measured step), and R_sp measured without
 gradient equals the value of the loss with gradient."""
 
+import math
+
 import pytest
 import torch
 
@@ -67,6 +69,15 @@ def test_router_geometry_from_the_gram_equals_the_svd(ctx):
         assert values[f"router_stable_rank_layer_{i}"] == pytest.approx(float((singular**2).sum() / singular[0] ** 2),
                                                                         rel=1e-10)
         assert values[f"router_row_orthogonality_error_layer_{i}"] == pytest.approx(float(row_error), rel=1e-9)
+        assert values[f"router_condition_number_layer_{i}"] == pytest.approx(float(singular[0] / singular[-1]),
+                                                                             rel=1e-8)
+        share = singular**2 / (singular**2).sum()
+        entropy = -(share * share.log()).sum() / math.log(len(singular))
+        assert values[f"router_svd_entropy_layer_{i}"] == pytest.approx(float(entropy), rel=1e-9)
+        cosine = unit @ unit.t()
+        pairs = W.shape[0] * (W.shape[0] - 1)
+        assert values[f"router_row_cosine_mean_layer_{i}"] == pytest.approx(
+            float((cosine.sum() - cosine.trace()) / pairs), rel=1e-9, abs=1e-12)
 
 
 def test_weight_mso_of_both_kinds_only_on_metrics_interval_steps(ctx):

@@ -131,6 +131,36 @@ def test_router_geometry_of_orthonormal_rows():
     assert geometry["router_stable_rank"] == pytest.approx(4.0)
     assert geometry["router_row_orthogonality_error"] == pytest.approx(0.0, abs=1e-10)
     assert float(metrics.row_orthogonality_error(torch.ones(2, 3))) == pytest.approx(math.sqrt(2))
+    assert geometry["router_condition_number"] == pytest.approx(1.0)
+    assert geometry["router_svd_entropy"] == pytest.approx(1.0)
+    assert geometry["router_row_cosine_mean"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_router_conditioning_by_hand():
+    # rows (1, 0, 0) and (1, 1, 0): σ² = (3 ± √5)/2, cosine 1/√2
+    geometry = metrics.router_geometry(torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
+    big, small = (3 + math.sqrt(5)) / 2, (3 - math.sqrt(5)) / 2
+    p = [big / 3, small / 3]
+    assert geometry["router_condition_number"] == pytest.approx(math.sqrt(big / small))
+    assert geometry["router_svd_entropy"] == pytest.approx(-sum(q * math.log(q) for q in p) / math.log(2))
+    assert geometry["router_row_cosine_mean"] == pytest.approx(1 / math.sqrt(2))
+    # more experts than hidden units: the r = H non-zero singular values count, not the E - H zeros
+    tall = metrics.router_geometry(torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert tall["router_condition_number"] == pytest.approx(2.0)
+    assert tall["router_svd_entropy"] == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2))
+    # a rank below min(E, H): κ is infinite, every σ² on one direction: entropy 0, identical rows: cosine 1
+    collapsed = metrics.router_geometry(torch.ones(3, 4))
+    assert (collapsed["router_condition_number"], collapsed["router_svd_entropy"],
+            collapsed["router_row_cosine_mean"]) == (math.inf, 0.0, pytest.approx(1.0))
+    # rank 4 < min(E, H) = 8 by construction (EMoE's E x H directions with --moe-eigen-rank 4), in fp32:
+    # the four rounding-level singular values count as zero, whatever the layout's rounding
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(8, 4, generator=generator) @ torch.randn(4, 16, generator=generator)
+    geometry = metrics.router_geometry(low_rank)
+    singular = torch.linalg.svdvals(low_rank.double())[:4]
+    share = singular**2 / (singular**2).sum()
+    assert geometry["router_condition_number"] == math.inf
+    assert geometry["router_svd_entropy"] == pytest.approx(float(-(share * share.log()).sum() / math.log(8)), rel=1e-6)
 
 
 def test_average_ranks_and_load_agreement_by_hand():

@@ -52,5 +52,6 @@ def test_router_geometry_of_non_finite_weights_is_nan(bad):
     W = torch.randn(4, 8)
     W[1, 2] = bad
     assert all(math.isnan(v) for v in router_geometry(W).values())
-    assert router_geometry(torch.eye(3)) == {"router_sigma_max": 1.0, "router_stable_rank": 3.0,
-                                             "router_row_orthogonality_error": 0.0}
+    assert router_geometry(torch.eye(3)) == pytest.approx({
+        "router_sigma_max": 1.0, "router_stable_rank": 3.0, "router_row_orthogonality_error": 0.0,
+        "router_condition_number": 1.0, "router_svd_entropy": 1.0, "router_row_cosine_mean": 0.0})

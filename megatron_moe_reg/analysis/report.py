@@ -22,6 +22,7 @@ PER_LAYER = (
     "load_cv",
     "expert_domain_nmi",
 )
+CONDITIONING = ("router_condition_number", "router_svd_entropy", "router_row_cosine_mean")
 SUMMARY = ("lm_loss", "perplexity", "token_accuracy", "top10_pathway_share")
 MAX_DOMAINS = 16
 
@@ -47,6 +48,9 @@ def summary(result: dict) -> dict[str, float | None]:
         "dead_experts",
     ):
         out[key] = sum(layer[key] for layer in layers) / len(layers)
+    for key in CONDITIONING:  # absent in older results
+        defined = [layer[key] for layer in layers if key in layer]
+        out[key] = sum(defined) / len(defined) if defined else None
     transitions = result["transitions"]
     if transitions:
         out["pathway_mutual_information"] = sum(t["mutual_information"] for t in transitions) / len(transitions)

@@ -1,19 +1,37 @@
-"""Router geometry (no gradient): σ_max, stable rank, row orthogonality, all from one Gram.
+"""Router geometry (no gradient): σ_max, stable rank, row orthogonality and conditioning, all
+from one Gram.
 
-With the row Gram G = W Wᵀ of the routing matrix W (E x H), in fp64:
+With the row Gram G = W Wᵀ of the routing matrix W (E x H), in fp64, its eigenvalues
+λ_1 ≥ … ≥ λ_E (= σ_i², exact) and r = min(E, H) (the largest possible rank):
 
-σ_max(W)                = sqrt(λ_max(G))                                 (exact: σ_max² = λ_max(W Wᵀ))
-srank(W)                = ‖W‖_F² / σ_max² = tr(G) / λ_max(G)              (SR-MoE's quantity)
+σ_max(W)                = sqrt(λ_1)                                       (exact: σ_max² = λ_max(W Wᵀ))
+srank(W)                = ‖W‖_F² / σ_max² = tr(G) / λ_1                   (SR-MoE's quantity)
 row orthogonality       = ‖Ŵ Ŵᵀ - I‖_F = ‖D⁻¹ G D⁻¹ - I‖_F,  D = diag(max(‖w_e‖, ε))
                                                                        (SimBal's Gram deviation,
                                                                        papers.md §6b; Frobenius
                                                                        form inferred)
+condition number κ      = σ_max / σ_r = sqrt(λ_1 / λ_r)                   (inf when W has rank < r)
+SVD entropy             = -Σ_{i≤r} p_i log p_i / log r,  p_i = λ_i / Σ_j λ_j,  0 log 0 = 0
+                                                                       (1 = all r directions equally
+                                                                       strong; normalized Shannon
+                                                                       entropy of σ², inferred)
+mean row cosine         = mean over e ≠ f of (Ŵ Ŵᵀ)_ef                    (signed)
 
-An E x E symmetric eigenproblem instead of an SVD of E x H, and one product shared by the three.
+The last three are the router-conditioning figures used to compare router optimizers and
+balancers (peers-2026-12 §3.1: κ, SVD entropy, mean pairwise router-row cosine); the exact
+normalizations there are not stated, so these are labelled inferred.
+
+Rank: λ_i counts as zero when σ_i ≤ σ_1·max(E, H)·ε of W's dtype (numpy's ``matrix_rank`` rule) or
+λ_i ≤ λ_1·max(E, H)·ε_fp64 (the fp64 eigensolver's resolution), so a router of rank < r by
+construction (EMoE with ``--moe-eigen-rank`` < E) reports κ = inf in every layout, not rounding noise.
+
+An E x E symmetric eigenproblem instead of an SVD of E x H, and one product shared by all.
 A W with a non-finite entry gives nan for each (the eigensolver would raise), without a host read.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,22 +40,42 @@ from megatron_moe_reg.losses.router_penalties import EPS
 
 @torch.no_grad()
 def geometry_tensors(W_EH: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``router_sigma_max``, ``router_stable_rank``, ``router_row_orthogonality_error`` as fp64
-    0-d tensors on W's device (no host-device synchronization)."""
+    """``router_sigma_max``, ``router_stable_rank``, ``router_row_orthogonality_error``,
+    ``router_condition_number``, ``router_svd_entropy``, ``router_row_cosine_mean`` as fp64 0-d
+    tensors on W's device (no host-device synchronization)."""
     w = W_EH.detach().double()
+    rows, rank = w.shape[0], min(w.shape)
     finite = torch.isfinite(w).all()
     w = torch.where(finite, w, torch.zeros_like(w))
     gram = w @ w.t()
-    lam = torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0)
+    spectrum = torch.linalg.eigvalsh(gram).flip(0)[:rank].clamp_min(0.0)  # λ_1 ≥ … ≥ λ_r
+    lam = spectrum[0]
+    size = max(w.shape)
+    zero_below = lam * max((size * torch.finfo(W_EH.dtype).eps) ** 2, size * torch.finfo(torch.float64).eps)
+    spectrum = torch.where(spectrum > zero_below, spectrum, torch.zeros_like(spectrum))
     norms = gram.diagonal().clamp_min(0.0).sqrt().clamp_min(EPS)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    cosines = gram / norms[:, None] / norms[None, :]
+    eye = torch.eye(rows, dtype=gram.dtype, device=gram.device)
     nan = torch.full_like(lam, float("nan"))
     values = {
         "router_sigma_max": lam.sqrt(),
         "router_stable_rank": gram.trace() / lam.clamp_min(EPS),
-        "router_row_orthogonality_error": torch.linalg.matrix_norm(gram / norms[:, None] / norms[None, :] - eye),
+        "router_row_orthogonality_error": torch.linalg.matrix_norm(cosines - eye),
+        "router_condition_number": (lam / spectrum[-1]).sqrt(),
+        "router_svd_entropy": svd_entropy(spectrum),
+        "router_row_cosine_mean": (cosines.sum() - cosines.diagonal().sum()) / max(rows * (rows - 1), 1),
     }
     return {name: torch.where(finite, value, nan) for name, value in values.items()}
+
+
+def svd_entropy(spectrum: torch.Tensor) -> torch.Tensor:
+    """-Σ p log p / log r of p = λ / Σλ over the r values of ``spectrum`` (1 for r = 1; nan for a zero
+    matrix)."""
+    total = spectrum.sum()
+    p = spectrum / total
+    entropy = 0.0 - torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
+    normalized = entropy / math.log(spectrum.numel()) if spectrum.numel() > 1 else torch.ones_like(entropy)
+    return torch.where(total > 0, normalized, torch.full_like(normalized, float("nan")))
 
 
 @torch.no_grad()

@@ -5,9 +5,10 @@ any score function, expert bias, group-limited routing, capacity, aux losses), t
 
 - keeps this forward's routing map for the specialization loss;
 - attaches the SR-MoE router penalties (``losses.router_penalties``) on ``penalty_matrix()``;
-- records the router geometry (σ_max, stable rank and row orthogonality of ``penalty_matrix()``;
-  orthonormality error for eigenbasis routers) and the routing entropy on measured steps, and
-  adds every step's expert load to the installed ``RoutingStats``;
+- records the router geometry (``metrics.geometry``: σ_max, stable rank, row orthogonality and
+  conditioning of ``penalty_matrix()``; orthonormality error for eigenbasis routers) and the
+  routing entropy on measured steps, and adds every step's expert load to the installed
+  ``RoutingStats``;
 - lets the installed observers (the coupling loss) attach their losses.
 
 σ_max for penalties and the spectral router comes from power iteration with persistent
@@ -190,7 +191,7 @@ class PluginRouterMixin(_RouterBase):
             )
 
     def _record_geometry(self) -> None:
-        """Exact σ_max and stable rank (and basis orthonormality error) once per measured step."""
+        """The exact router geometry (and basis orthonormality error) once per measured step."""
         if not (self.moe_reg_measure and self.tracker is not None) or self._measured_step == self.moe_reg_step:
             return
         self._measured_step = self.moe_reg_step

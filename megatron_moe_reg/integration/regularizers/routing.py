@@ -10,8 +10,8 @@ global counts, so they equal the single-process values for any DP/TP/EP/PP layou
 
 Routing entropy (``metrics.routing_entropy``) is recorded through the plugin tracker on measured
 steps, a local token mean averaged like Megatron's z-loss (TP x CP, then DP); so is the router
-geometry (σ_max, stable rank, row orthogonality, basis orthonormality; ``routers.base``), once per
-measured step and router.
+geometry (σ_max, stable rank, row orthogonality, conditioning, basis orthonormality;
+``metrics.geometry``, recorded by ``routers.base``), once per measured step and router.
 """
 
 from __future__ import annotations
@@ -69,7 +69,14 @@ class RoutingStats:
         return out
 
 
-GEOMETRY = ("router_sigma_max", "router_stable_rank", "router_row_orthogonality_error")
+GEOMETRY = (
+    "router_sigma_max",
+    "router_stable_rank",
+    "router_row_orthogonality_error",
+    "router_condition_number",
+    "router_svd_entropy",
+    "router_row_cosine_mean",
+)
 
 
 class RoutingMetrics(RegularizerBase):
