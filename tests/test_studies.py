@@ -3,6 +3,7 @@ steps) runs end to end with a report of every section; restarted after an interr
 finished run and resumes the interrupted one from its checkpoint."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ BAD = {
                                "[adapt]\ntrain-iters = 2"),
     "adapt on mock data": ({"baseline": [], "b": ["--lr", "2e-3"]}, (1, 2), "not --mock-data",
                            '[adapt]\ndomain = "email"'),
+    "claim on an optional metric not asked for": (
+        {"baseline": [], "b": ["--lr", "2e-3"]}, (1, 2), 'add it to [study] metrics = ["router SVD entropy"]',
+        '[[claims]]\nvariant = "b"\nmetric = "router SVD entropy"\nexpect = "higher"'),
 }
 
 
@@ -73,6 +77,68 @@ def test_bad_spec_is_one_line_before_any_run(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("metrics", ['["speed"]', '["router SVD entropy", "router SVD entropy"]', '"PES"',
+                                     '["PES"]'])
+def test_bad_optional_metrics_are_one_line(metrics, tmp_path):
+    from megatron_moe_reg.errors import ConfigError
+    from megatron_moe_reg.studies.spec import load_spec
+
+    spec = _spec(tmp_path / "s.toml", {"baseline": [], "b": ["--lr", "2e-3"]}, extra=f"metrics = {metrics}")
+    with pytest.raises(ConfigError, match=r"\[study\] metrics must list distinct optional metrics"):
+        load_spec(spec)
+
+
+def _fake_run(where: Path, kappa: float, entropy: float) -> None:
+    """A finished run's files as the study reads them (two MoE layers, one transition)."""
+    layer = {"routing_entropy": entropy, "router_condition_number": kappa, "router_svd_entropy": entropy,
+             "router_stable_rank": 2.0, "router_row_cosine_mean": 0.1}
+    result = {"lm_loss": 5.0 + entropy, "perplexity": 150.0, "layers": [layer, dict(layer)],
+              "transitions": [{"mutual_information": 0.1}], "iteration": 2}
+    (where / "eval").mkdir(parents=True)
+    (where / "eval" / "iter_0000002.json").write_text(json.dumps(result))
+    (where / "eval.json").write_text(json.dumps(result))
+    (where / "done.json").write_text("{}")
+
+
+def test_optional_metrics_join_the_family_and_an_infinite_one_is_left_out(tmp_path):
+    """Only the optional metrics a spec names are compared (and Holm-corrected with the default
+    family); a metric infinite in some run (κ of a rank-deficient router) is left out, said so in
+    the report, and a claim on it is inconclusive."""
+    from megatron_moe_reg.studies.metrics import METRICS
+    from megatron_moe_reg.studies.report import build_report, markdown
+    from megatron_moe_reg.studies.runner import run_dir
+    from megatron_moe_reg.studies.spec import load_spec
+
+    claims = '[[claims]]\nvariant = "b"\nmetric = "router log condition number"\nexpect = "lower"\n'
+    asked = '["router SVD entropy", "router log condition number"]'
+    spec_path = _spec(tmp_path / "s.toml", {"baseline": [], "b": ["--lr", "2e-3"]}, extra=f"metrics = {asked}")
+    spec_path.write_text(spec_path.read_text() + claims)
+    spec = load_spec(spec_path)
+    plain = load_spec(_spec(tmp_path / "plain.toml", {"baseline": [], "b": ["--lr", "2e-3"]}))
+    assert plain.family() == list(METRICS)
+    assert spec.family() == [*METRICS, "router SVD entropy", "router log condition number"]
+    out = tmp_path / "out"
+    for seed, entropy in ((1, 0.5), (2, 0.6)):
+        _fake_run(run_dir(out, "baseline", seed), 4.0, entropy)
+        _fake_run(run_dir(out, "b", seed), float("inf") if seed == 2 else 2.0, entropy + 0.1 * seed)
+    report = build_report(spec, out)
+    compared = report["comparisons"]["b"]
+    assert "router SVD entropy" in compared and "router log condition number" not in compared
+    assert compared["router SVD entropy"]["mean_diff"] == pytest.approx(0.15)
+    assert report["left_out"] == ["router log condition number"]  # the rest is undefined in every run: silent
+    assert report["claims"][0]["verdict"] == "inconclusive"
+    assert "undefined or infinite" in report["claims"][0]["evidence"]
+    assert "Not compared (undefined or infinite in some run):" in markdown(report)
+    _fake_run(run_dir(out, "b", 3), 2.0, 0.5)  # a finite κ everywhere: the log of the geometric mean
+    for seed in (1, 2):
+        (run_dir(out, "b", seed) / "eval.json").write_text(
+            (run_dir(out, "b", 3) / "eval.json").read_text().replace('"router_condition_number": 2.0',
+                                                                       f'"router_condition_number": {seed + 1}.0'))
+    compared = build_report(spec, out)["comparisons"]["b"]
+    assert compared["router log condition number"]["mean_diff"] == pytest.approx(
+        (math.log(2) + math.log(3)) / 2 - math.log(4))
 
 
 def _valid_domain(manifest: dict) -> str:
@@ -107,7 +173,8 @@ x = "weight MSO"
 y = "activation MSO"
 """
     base = [*(f for f in BASE if f != "--mock-data"), *data_flags(embedded_dataset)]
-    spec = _spec(tmp_path / "s.toml", {"baseline": [], "R_sp": ["--moe-specialization-loss-coeff", "2e-3"]}, base=base)
+    spec = _spec(tmp_path / "s.toml", {"baseline": [], "R_sp": ["--moe-specialization-loss-coeff", "2e-3"]}, base=base,
+                 extra='metrics = ["router SVD entropy", "router log condition number"]')
     spec.write_text(spec.read_text() + claims)
     out = tmp_path / "out"
     dry = run_cli(["study", str(spec), "--out", str(out), "--dry-run"])
@@ -133,7 +200,10 @@ y = "activation MSO"
         "interference (loss)",
         "interference (accuracy)",
         "adaptation gain (loss)",
+        "router SVD entropy",
+        "router log condition number",
     } <= set(comparison)
+    assert "router stable rank" not in comparison  # not asked for
     for entry in comparison.values():
         assert {"mean_diff", "ci_low", "ci_high", "p_t", "p_holm", "detectable", "words"} <= set(entry)
     # every checkpoint (iterations 1 and 2) evaluated on the same tokens: curves with paired differences

@@ -33,6 +33,10 @@ class Claim:
     max_r: float = 0.5
     source: str = ""  # who claims it (a paper, a figure)
 
+    def metric_names(self) -> list[str]:
+        """The metrics the claim reads."""
+        return [self.x, self.y] if self.expect == "uncorrelated" else [self.metric]
+
     def title(self) -> str:
         if self.expect == "uncorrelated":
             return f"{self.x} and {self.y} uncorrelated across runs"
@@ -44,6 +48,9 @@ class Claim:
 def verdict(claim: Claim, report: dict) -> dict:
     """{claim, verdict, evidence} for one claim of a built report."""
     base = {"claim": claim.title(), "source": claim.source}
+    missing = [m for m in claim.metric_names() if m in report.get("left_out", ())]
+    if missing:
+        return {**base, "verdict": "inconclusive", "evidence": f"{missing[0]} is undefined or infinite in some run"}
     if claim.expect == "uncorrelated":
         xs, ys = report["runs"][claim.x], report["runs"][claim.y]
         if len(xs) < 4:

@@ -4,6 +4,9 @@ interference test (``adapt.json`` under the key ``"adapt"``).
 
 Each metric: (reader, direction) with direction True when lower is better, False when higher is
 better and None when the metric has no better side (a property the claims speak about).
+
+``METRICS`` is every study's family (the Holm correction runs over it); ``OPTIONAL`` metrics join
+it only when a spec names them (``[study] metrics``), so a study that does not ask keeps its family.
 """
 
 from __future__ import annotations
@@ -12,10 +15,20 @@ import math
 import statistics
 
 
-def _layer_mean(result: dict, key: str) -> float:
+def _layer_values(result: dict, key: str) -> list[float]:
     values = [layer.get(key) for layer in result["layers"]]
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def _layer_mean(result: dict, key: str) -> float:
+    values = _layer_values(result, key)
     return statistics.fmean(values) if values else math.nan
+
+
+def _layer_log_mean(result: dict, key: str) -> float:
+    """The mean over MoE layers of log(value ≥ 1): the log of their geometric mean (inf when one is)."""
+    values = _layer_values(result, key)
+    return statistics.fmean(math.log(v) for v in values) if values else math.nan
 
 
 def _transition_mean(key: str):
@@ -62,6 +75,21 @@ METRICS = {
     "adaptation gain (loss)": (_adapt("gain", "lm_loss"), False),
 }
 
+# the router's conditioning (metrics.geometry), mean over MoE layers; on request only
+OPTIONAL = {
+    "router stable rank": (lambda r: _layer_mean(r, "router_stable_rank"), None),
+    "router SVD entropy": (lambda r: _layer_mean(r, "router_svd_entropy"), None),
+    "router log condition number": (lambda r: _layer_log_mean(r, "router_condition_number"), None),
+    "router row cosine": (lambda r: _layer_mean(r, "router_row_cosine_mean"), None),
+}
+KNOWN = {**METRICS, **OPTIONAL}
+
+
+def family(extra: tuple[str, ...] = ()) -> list[str]:
+    """The metrics a study compares: the default family and the optional ones it names."""
+    return [*METRICS, *extra]
+
+
 # per-layer values plotted by layer (eval.json keys)
 PER_LAYER = {
     "routing entropy": "routing_entropy",
@@ -73,4 +101,4 @@ PER_LAYER = {
 
 
 def read(metric: str, result: dict) -> float:
-    return float(METRICS[metric][0](result))
+    return float(KNOWN[metric][0](result))

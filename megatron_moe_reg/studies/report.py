@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from megatron_moe_reg.studies.claims import verdict
-from megatron_moe_reg.studies.metrics import METRICS, PER_LAYER, read
+from megatron_moe_reg.studies.metrics import KNOWN, PER_LAYER, read
 from megatron_moe_reg.studies.runner import complete, run_dir
 from megatron_moe_reg.studies.spec import StudySpec
 from megatron_moe_reg.studies.stats import holm, in_words, paired
@@ -76,11 +76,16 @@ def _per_layer(results: dict[str, list[dict]]) -> dict:
     return out
 
 
+def _undefined_everywhere(values: dict, metric: str) -> bool:
+    return all(math.isnan(x) for per_variant in values.values() for x in per_variant[metric])
+
+
 def build_report(spec: StudySpec, out: Path) -> dict:
     seeds = finished_seeds(spec, out)
     results = {v: [_result(run_dir(out, v, s)) for s in seeds] for v in spec.variants}
-    values = {v: {m: [read(m, r) for r in runs] for m in METRICS} for v, runs in results.items()}
-    usable = [m for m in METRICS if all(not any(math.isnan(x) for x in values[v][m]) for v in spec.variants)]
+    values = {v: {m: [read(m, r) for r in runs] for m in spec.family()} for v, runs in results.items()}
+    # a metric undefined (nan) or infinite (a rank-deficient router's κ) in some run is left out
+    usable = [m for m in spec.family() if all(all(math.isfinite(x) for x in values[v][m]) for v in spec.variants)]
     report: dict = {
         "study": spec.name,
         "seeds": len(seeds),
@@ -92,6 +97,8 @@ def build_report(spec: StudySpec, out: Path) -> dict:
         else {},
         "comparisons": {},
         "runs": {m: [x for v in spec.variants for x in values[v][m]] for m in usable},
+        # measured somewhere but not in every run (metrics no run defines, e.g. adapt's without [adapt], are silent)
+        "left_out": [m for m in spec.family() if m not in usable and not _undefined_everywhere(values, m)],
         "curves": _curves(spec, out, seeds),
         "per_layer": _per_layer(results),
         "claims": [],
@@ -106,7 +113,7 @@ def build_report(spec: StudySpec, out: Path) -> dict:
         results_v = {m: paired(values[variant][m], base[m]) for m in usable}
         adjusted = holm({m: r.p_t for m, r in results_v.items()})
         report["comparisons"][variant] = {
-            m: {**r.as_dict(), "p_holm": adjusted[m], "words": in_words(m, r, adjusted[m], METRICS[m][1])}
+            m: {**r.as_dict(), "p_holm": adjusted[m], "words": in_words(m, r, adjusted[m], KNOWN[m][1])}
             for m, r in results_v.items()
         }
     report["claims"] = [verdict(c, report) for c in spec.claims]
@@ -115,7 +122,7 @@ def build_report(spec: StudySpec, out: Path) -> dict:
 
 def markdown(report: dict, images: tuple[str, ...] = ()) -> str:
     variants = list(report["variants"])
-    metrics = [m for m in METRICS if variants and all(m in report["variants"][v] for v in variants)]
+    metrics = [m for m in KNOWN if variants and all(m in report["variants"][v] for v in variants)]
     lines = [
         f"# Study {report['study']}: {report['seeds']} seeds, baseline {report['baseline']}, "
         f"{report['eval_tokens']} held-out tokens"
@@ -140,6 +147,8 @@ def markdown(report: dict, images: tuple[str, ...] = ()) -> str:
     for variant, comparison in report["comparisons"].items():
         lines += ["", f"## {variant} against {report['baseline']} (paired over seeds)", ""]
         lines += [f"- {c['words']}" for c in comparison.values()]
+    if report.get("left_out"):
+        lines += ["", "Not compared (undefined or infinite in some run): " + ", ".join(report["left_out"])]
     if "note" in report:
         lines += ["", report["note"]]
     if images:

@@ -6,6 +6,7 @@
     baseline = "baseline"           # the variant every other is compared with (default "baseline")
     eval-tokens = 8192              # held-out tokens every checkpoint is evaluated on
     metrics-tokens = 256            # tokens for PES and activation MSO
+    metrics = ["router SVD entropy"]  # optional metrics to compare too (studies.metrics.OPTIONAL)
 
     [variants]
     baseline = []
@@ -37,7 +38,7 @@ from pathlib import Path
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import tomllib
 from megatron_moe_reg.studies.claims import EXPECT, Claim
-from megatron_moe_reg.studies.metrics import METRICS
+from megatron_moe_reg.studies.metrics import KNOWN, OPTIONAL, family
 
 OWNED = ("--seed", "--save", "--load", "--log-file", "--tensorboard-dir")
 ADAPT_KEYS = ("domain", "train-iters", "lr", "experts-per-layer", "num-tokens", "micro-batch-size")
@@ -56,6 +57,11 @@ class StudySpec:
     name: str = field(default="study")
     adapt: dict[str, str] = field(default_factory=dict)  # moe-reg adapt options (key without --)
     claims: list[Claim] = field(default_factory=list)
+    metrics: tuple[str, ...] = ()  # optional metrics compared besides the default family
+
+    def family(self) -> list[str]:
+        """The metrics compared (and Holm-corrected together)."""
+        return family(self.metrics)
 
     def flags(self, variant: str, seed: int) -> list[str]:
         return [*self.base, *self.variants[variant], "--seed", str(seed)]
@@ -87,6 +93,7 @@ def load_spec(path: str | Path, world_size: int = 1) -> StudySpec:
         "baseline",
         "eval-tokens",
         "metrics-tokens",
+        "metrics",
         "name",
     }
     if unknown:
@@ -111,6 +118,7 @@ def load_spec(path: str | Path, world_size: int = 1) -> StudySpec:
         name=str(study.get("name", path.stem)),
         adapt=_adapt_options(raw.get("adapt"), path),
         claims=[_claim(c, path) for c in raw.get("claims", [])],
+        metrics=_optional_metrics(study.get("metrics", []), path),
     )
     _check(spec, world_size)
     return spec
@@ -126,6 +134,15 @@ def _adapt_options(table, path: Path) -> dict[str, str]:
             + (f" (unknown: {sorted(unknown)})" if unknown else "")
         )
     return {k: str(v) for k, v in table.items()}
+
+
+def _optional_metrics(names, path: Path) -> tuple[str, ...]:
+    if not isinstance(names, list) or any(name not in OPTIONAL for name in names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"study spec {path}: [study] metrics must list distinct optional metrics, of {list(OPTIONAL)} "
+            f"(the default ones are always compared); got {names!r}"
+        )
+    return tuple(names)
 
 
 def _claim(table, path: Path) -> Claim:
@@ -144,11 +161,10 @@ def _claim(table, path: Path) -> Claim:
         max_r=float(table.get("max-r", 0.5)),
         source=str(table.get("source", "")),
     )
-    names = [claim.x, claim.y] if claim.expect == "uncorrelated" else [claim.metric]
-    for name in names:
-        if name not in METRICS:
+    for name in claim.metric_names():
+        if name not in KNOWN:
             raise ConfigError(
-                f"study spec {path}: claim {claim.title()!r}: unknown metric {name!r}; one of {list(METRICS)}"
+                f"study spec {path}: claim {claim.title()!r}: unknown metric {name!r}; one of {list(KNOWN)}"
             )
     return claim
 
@@ -176,6 +192,12 @@ def _check(spec: StudySpec, world_size: int) -> None:
     if len(spec.variants) < 2:
         raise ConfigError(f"study spec {spec.path}: a study compares at least two variants")
     for claim in spec.claims:
+        for name in claim.metric_names():
+            if name not in spec.family():
+                raise ConfigError(
+                    f"study spec {spec.path}: claim {claim.title()!r}: {name!r} is compared only on request; "
+                    f'add it to [study] metrics = ["{name}"]'
+                )
         if claim.expect != "uncorrelated" and (claim.variant not in spec.variants or claim.variant == spec.baseline):
             raise ConfigError(
                 f"study spec {spec.path}: claim {claim.title()!r}: variant must name a variant other than the baseline"
