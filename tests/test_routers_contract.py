@@ -70,6 +70,24 @@ def test_bf16_parameters_route_in_fp32(kind, groups):
         assert router.power_u.dtype == torch.float32 and router.power_v.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ROUTER_TYPES)
+def test_structural_rank_is_the_routing_matrix_rank(kind, groups):
+    """κ and the SVD entropy count the directions a router can have: its declared structural rank
+    (EMoE: E = 6 directions in a 4-dim basis) is the routing matrix's rank, and without one the
+    matrix has full rank min(E·rows, H)."""
+    from megatron_moe_reg.metrics.geometry import router_geometry
+
+    torch.manual_seed(0)
+    router = _router(kind, groups)
+    W = router.penalty_matrix().detach().double()
+    declared = router.penalty_matrix_rank()
+    assert int(torch.linalg.matrix_rank(W, rtol=1e-5)) == (declared or min(W.shape))  # fp32 rounding: not a rank
+    singular = torch.linalg.svdvals(W)[: declared or min(W.shape)]
+    kappa = router_geometry(router.penalty_matrix().detach(), declared)["router_condition_number"]
+    assert kappa == pytest.approx(float(singular[0] / singular[-1]), rel=1e-6)
+    assert (declared is not None) == (kind == "emoe")
+
+
 def test_sequence_parallel_tags_new_parameters(groups):
     from megatron.core.transformer.transformer_config import TransformerConfig
 

@@ -219,8 +219,10 @@ def _routed_z(layer, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor
     return z
 
 
-def _router_matrix(router) -> torch.Tensor:
-    return router.penalty_matrix() if hasattr(router, "penalty_matrix") else router.weight
+def _router_geometry(router) -> dict[str, float]:
+    if not hasattr(router, "penalty_matrix"):
+        return metrics.router_geometry(router.weight.detach())
+    return metrics.router_geometry(router.penalty_matrix().detach(), router.penalty_matrix_rank())
 
 
 def evaluate(
@@ -338,7 +340,7 @@ def _layer_results(cfg, model, data, layers, captures, load, prefixes, micro_bat
             "activation_mso": float(metrics.activation_mso(outputs)),
             "weight_mso_fc1": float(metrics.weight_mso(local_expert_weights(layer.experts, "fc1"))),
             "weight_mso_fc2": float(metrics.weight_mso(local_expert_weights(layer.experts, "fc2"))),
-            **metrics.router_geometry(_router_matrix(layer.router).detach()),
+            **_router_geometry(layer.router),
             "expert_domain_nmi": metrics.normalized_mutual_information(first, domain),
             "expert_domain_counts": expert_domain.tolist(),
         }

@@ -2,7 +2,9 @@
 from one Gram.
 
 With the row Gram G = W Wᵀ of the routing matrix W (E x H), in fp64, its eigenvalues
-λ_1 ≥ … ≥ λ_E (= σ_i², exact) and r = min(E, H) (the largest possible rank):
+λ_1 ≥ … ≥ λ_E (= σ_i², exact) and r the largest rank W can have: min(E, H), or the router's
+structural rank when that is lower (EMoE's E x H directions live in its ``--moe-eigen-rank``-dim
+shared basis), so that κ and the entropy speak of the directions the router can have:
 
 σ_max(W)                = sqrt(λ_1)                                       (exact: σ_max² = λ_max(W Wᵀ))
 srank(W)                = ‖W‖_F² / σ_max² = tr(G) / λ_1                   (SR-MoE's quantity)
@@ -10,7 +12,7 @@ row orthogonality       = ‖Ŵ Ŵᵀ - I‖_F = ‖D⁻¹ G D⁻¹ - I‖_F,  D
                                                                        (SimBal's Gram deviation,
                                                                        papers.md §6b; Frobenius
                                                                        form inferred)
-condition number κ      = σ_max / σ_r = sqrt(λ_1 / λ_r)                   (inf when W has rank < r)
+condition number κ      = σ_max / σ_r = sqrt(λ_1 / λ_r)                   (inf when σ_r = 0)
 SVD entropy             = -Σ_{i≤r} p_i log p_i / log r,  p_i = λ_i / Σ_j λ_j,  0 log 0 = 0
                                                                        (1 = all r directions equally
                                                                        strong; normalized Shannon
@@ -20,10 +22,6 @@ mean row cosine         = mean over e ≠ f of (Ŵ Ŵᵀ)_ef                    
 The last three are the router-conditioning figures used to compare router optimizers and
 balancers (peers-2026-12 §3.1: κ, SVD entropy, mean pairwise router-row cosine); the exact
 normalizations there are not stated, so these are labelled inferred.
-
-Rank: λ_i counts as zero when σ_i ≤ σ_1·max(E, H)·ε of W's dtype (numpy's ``matrix_rank`` rule) or
-λ_i ≤ λ_1·max(E, H)·ε_fp64 (the fp64 eigensolver's resolution), so a router of rank < r by
-construction (EMoE with ``--moe-eigen-rank`` < E) reports κ = inf in every layout, not rounding noise.
 
 An E x E symmetric eigenproblem instead of an SVD of E x H, and one product shared by all.
 A W with a non-finite entry gives nan for each (the eigensolver would raise), without a host read.
@@ -39,20 +37,19 @@ from megatron_moe_reg.losses.router_penalties import EPS
 
 
 @torch.no_grad()
-def geometry_tensors(W_EH: torch.Tensor) -> dict[str, torch.Tensor]:
+def geometry_tensors(W_EH: torch.Tensor, rank: int | None = None) -> dict[str, torch.Tensor]:
     """``router_sigma_max``, ``router_stable_rank``, ``router_row_orthogonality_error``,
     ``router_condition_number``, ``router_svd_entropy``, ``router_row_cosine_mean`` as fp64 0-d
-    tensors on W's device (no host-device synchronization)."""
+    tensors on W's device (no host-device synchronization); ``rank``: W's structural rank, when
+    below min(E, H)."""
     w = W_EH.detach().double()
-    rows, rank = w.shape[0], min(w.shape)
+    rows = w.shape[0]
+    rank = min(*w.shape, rank or rows)
     finite = torch.isfinite(w).all()
     w = torch.where(finite, w, torch.zeros_like(w))
     gram = w @ w.t()
     spectrum = torch.linalg.eigvalsh(gram).flip(0)[:rank].clamp_min(0.0)  # λ_1 ≥ … ≥ λ_r
     lam = spectrum[0]
-    size = max(w.shape)
-    zero_below = lam * max((size * torch.finfo(W_EH.dtype).eps) ** 2, size * torch.finfo(torch.float64).eps)
-    spectrum = torch.where(spectrum > zero_below, spectrum, torch.zeros_like(spectrum))
     norms = gram.diagonal().clamp_min(0.0).sqrt().clamp_min(EPS)
     cosines = gram / norms[:, None] / norms[None, :]
     eye = torch.eye(rows, dtype=gram.dtype, device=gram.device)
@@ -85,8 +82,8 @@ def spectral_norm(W: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def router_geometry(W_EH: torch.Tensor) -> dict[str, float]:
-    return {name: float(value) for name, value in geometry_tensors(W_EH).items()}
+def router_geometry(W_EH: torch.Tensor, rank: int | None = None) -> dict[str, float]:
+    return {name: float(value) for name, value in geometry_tensors(W_EH, rank).items()}
 
 
 @torch.no_grad()

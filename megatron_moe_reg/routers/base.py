@@ -119,6 +119,10 @@ class PluginRouterMixin(_RouterBase):
     def penalty_matrix_shape(self) -> tuple[int, int]:
         return self.config.num_moe_experts, self.config.hidden_size
 
+    def penalty_matrix_rank(self) -> int | None:
+        """The routing matrix's structural rank when below min(shape) (None: not below)."""
+        return None
+
     def _compute_dtype(self) -> torch.dtype:
         return torch.float64 if self.config.moe_router_dtype == "fp64" else torch.float32
 
@@ -198,7 +202,7 @@ class PluginRouterMixin(_RouterBase):
         num_layers = self.config.num_layers
         with torch.no_grad():
             W = self.penalty_matrix().detach()
-            for name, value in geometry_tensors(W).items():  # one fp64 Gram of W's rows
+            for name, value in geometry_tensors(W, self.penalty_matrix_rank()).items():  # one fp64 Gram
                 self.tracker.record(name, value, self.layer_number, num_layers)
             error = self.orthonormality_error()
             if error is not None:

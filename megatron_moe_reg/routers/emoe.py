@@ -80,6 +80,10 @@ class EMoERouter(PluginRouterMixin, TopKRouter):
         directions = torch.softmax(self.ownership.to(dtype), dim=0) * self.gamma.to(dtype)
         return directions @ self.basis().t()
 
+    def penalty_matrix_rank(self) -> int | None:
+        """The directions (γ ⊙ m) Qᵀ span at most the r columns of the shared basis Q."""
+        return self.plugin.moe_eigen_rank
+
     def orthonormality_error(self) -> torch.Tensor:
         Q = self.basis()
         return (Q.t() @ Q - torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)).abs().max()
