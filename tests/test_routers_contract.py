@@ -100,12 +100,16 @@ def test_sequence_parallel_tags_new_parameters(groups):
         assert all(getattr(p, "sequence_parallel", False) for p in router.parameters()), kind
 
 
-def test_power_iteration_advances_once_per_step(groups):
+def test_singular_vectors_advance_once_per_step(groups):
     router = _router("spectral", groups)
     router.train()
     router.moe_reg_step = 1
     router(torch.randn(3, 2, H))
     u1 = router.power_u.clone()
+    top = torch.linalg.svd(router.penalty_matrix().detach().double())[0][:, 0]
+    assert abs(float(u1.double() @ top)) == pytest.approx(1.0, abs=1e-6)  # the top left singular vector
+    with torch.no_grad():
+        router.weight.add_(0.1 * torch.randn_like(router.weight))  # as an optimizer step would
     router(torch.randn(3, 2, H))  # another micro-batch of the same step: same vectors
     assert torch.equal(router.power_u, u1)
     router.moe_reg_step = 2

@@ -10,8 +10,15 @@ high-dimensional feature diversity in expert selection" (abstract / summaries,
     P_spectral      = σ_max²                      or, with a target c, relu(σ_max - c)²  (hinge)
     P_stable_rank   = 1 / srank(W) = σ_max² / ‖W‖_F²
 
-Power iteration (as ``torch.nn.utils.spectral_norm``): v = normalize(Wᵀu), u = normalize(W v),
-σ = uᵀ W v with u, v treated as constants, so ∂σ/∂W = u vᵀ. All math in fp32 (fp64 kept).
+σ = uᵀ W v with u, v the top singular vectors treated as constants, so ∂σ/∂W = u vᵀ (exact when u, v
+are the top pair). The routers find them once per optimizer step with ``top_singular_vectors``:
+power iteration on the small Gram G (W Wᵀ or Wᵀ W, fp64) by repeated squaring, G ← (G/‖G‖_F)², ten
+times (2¹⁰ = 1024 power steps in ten small products), from the previous step's vector, then one step
+on W. No host-device synchronization (an eigensolver would synchronize on CUDA). Inferred choice:
+one plain power step per optimizer step (``power_iteration``, as ``torch.nn.utils.spectral_norm``)
+lags the top direction when the router's singular values are close, as they are at initialization;
+the penalty then shrinks a direction that is no longer the largest, and with Adam that lowers the
+stable rank it should raise. Math in fp32 (fp64 kept) except the Gram.
 """
 
 from __future__ import annotations
@@ -33,6 +40,24 @@ def power_iteration(W: torch.Tensor, u: torch.Tensor, n_iter: int = 1) -> tuple[
             v = F.normalize(w.t() @ u, dim=0, eps=EPS)
             u = F.normalize(w @ v, dim=0, eps=EPS)
     return u, v
+
+
+def top_singular_vectors(W: torch.Tensor, u: torch.Tensor, squarings: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v), the top left/right singular vectors of W, from the start ``u`` (length E), no gradient:
+    2**squarings power steps on the Gram of W's smaller side, by repeated squaring, in fp64."""
+    with torch.no_grad():
+        w = W.detach().double()
+        rows_side = w.shape[0] <= w.shape[1]
+        gram = w @ w.t() if rows_side else w.t() @ w
+        for _ in range(squarings):
+            gram = gram / torch.linalg.matrix_norm(gram).clamp_min(EPS)
+            gram = gram @ gram
+        start = u.to(w) if rows_side else w.t() @ u.to(w)
+        x = F.normalize(gram @ start, dim=0, eps=EPS)  # the top left (rows side) or right vector
+        v = F.normalize(w.t() @ x, dim=0, eps=EPS) if rows_side else x
+        u = F.normalize(w @ v, dim=0, eps=EPS)
+        dtype = at_least_fp32(W).dtype
+    return u.to(dtype), v.to(dtype)
 
 
 def sigma_from_vectors(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,10 @@ from torch.profiler import record_function
 from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
 from megatron_moe_reg.integration.megatron.norms import mark_sequence_parallel
 from megatron_moe_reg.losses.router_penalties import (
-    power_iteration,
     sigma_from_vectors,
     spectral_penalty,
     stable_rank_penalty,
+    top_singular_vectors,
 )
 from megatron_moe_reg.metrics.geometry import geometry_tensors
 from megatron_moe_reg.metrics.routing import router_distribution, routing_entropy
@@ -127,14 +127,14 @@ class PluginRouterMixin(_RouterBase):
         return torch.float64 if self.config.moe_router_dtype == "fp64" else torch.float32
 
     def router_sigma(self) -> torch.Tensor:
-        """σ_max of ``penalty_matrix()``, differentiable (power iteration, advanced once per step)."""
+        """σ_max of ``penalty_matrix()``, differentiable (top singular vectors found once per step)."""
         W = self.penalty_matrix().to(self._compute_dtype())
         for name in ("power_u", "power_v"):  # Float16Module casts buffers; keep them fp32
             buf = getattr(self, name)
             if buf.dtype != torch.float32:
                 setattr(self, name, buf.float())
         if self.training and (self.moe_reg_step is None or self.moe_reg_step != self._power_step):
-            u, v = power_iteration(W, self.power_u)
+            u, v = top_singular_vectors(W, self.power_u)
             self.power_u.copy_(u)
             self.power_v.copy_(v)
             self._power_step = self.moe_reg_step
