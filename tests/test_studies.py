@@ -287,3 +287,21 @@ def test_router_variants_share_every_other_initial_value(tmp_path):
     for router, values in tensors.items():
         different = [k for k in shared if not torch.equal(values[k], tensors["topk"][k])]
         assert different == [], (router, different)
+
+
+def test_the_status_line_survives_runs_that_start_and_end_while_it_is_written(tmp_path, monkeypatch, capsys):
+    """Each run's thread prints the line while another run may start or end: the line iterates a
+    snapshot, so a run added mid-line neither breaks the study nor shows up half-written."""
+    from megatron_moe_reg.studies import runner
+
+    progress = runner.Progress(total=3, done=1, steps=48)
+    progress.running["topk/seed1"] = tmp_path / "a"
+
+    def a_run_starts_meanwhile(log):
+        progress.running.setdefault("topk/seed2", tmp_path / "b")
+        return 5
+
+    monkeypatch.setattr(runner, "_steps_done", a_run_starts_meanwhile)
+    progress.show()
+    assert capsys.readouterr().out.strip() == "study: 1/3 runs done; topk/seed1 step 5/48"
+    assert progress.line() == "study: 1/3 runs done; topk/seed1 step 5/48, topk/seed2 step 5/48"

@@ -85,20 +85,24 @@ def _steps_done(log: Path) -> int:
 
 
 class Progress:
-    """One status line: runs done of all, and the running runs' steps."""
+    """One status line: runs done of all, and the running runs' steps. The runs' threads change
+    ``running`` and ``done`` and print the line: each holds ``lock`` (re-entrant) while it does."""
 
     def __init__(self, total: int, done: int, steps: int):
         self.total, self.done, self.steps = total, done, steps
         self.running: dict[str, Path] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def line(self) -> str:
-        parts = [f"{name} step {_steps_done(where / 'log.jsonl')}/{self.steps}" for name, where in self.running.items()]
-        return f"study: {self.done}/{self.total} runs done" + (f"; {', '.join(parts)}" if parts else "")
+        with self.lock:
+            running, done = list(self.running.items()), self.done
+        parts = [f"{name} step {_steps_done(where / 'log.jsonl')}/{self.steps}" for name, where in running]
+        return f"study: {done}/{self.total} runs done" + (f"; {', '.join(parts)}" if parts else "")
 
     def show(self) -> None:
-        sys.stdout.write("\r" + self.line().ljust(100) if sys.stdout.isatty() else self.line() + "\n")
-        sys.stdout.flush()
+        with self.lock:
+            sys.stdout.write("\r" + self.line().ljust(100) if sys.stdout.isatty() else self.line() + "\n")
+            sys.stdout.flush()
 
 
 def _trained(where: Path) -> bool:
