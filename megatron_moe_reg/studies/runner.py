@@ -86,12 +86,13 @@ def _steps_done(log: Path) -> int:
 
 class Progress:
     """One status line: runs done of all, and the running runs' steps. The runs' threads change
-    ``running`` and ``done`` and print the line: each holds ``lock`` (re-entrant) while it does."""
+    ``running`` and ``done`` under ``lock``; the line is built from a snapshot taken under it (the
+    logs are read outside it) and written under it, so lines from two threads never interleave."""
 
     def __init__(self, total: int, done: int, steps: int):
         self.total, self.done, self.steps = total, done, steps
         self.running: dict[str, Path] = {}
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
 
     def line(self) -> str:
         with self.lock:
@@ -100,8 +101,9 @@ class Progress:
         return f"study: {done}/{self.total} runs done" + (f"; {', '.join(parts)}" if parts else "")
 
     def show(self) -> None:
+        line = self.line()
         with self.lock:
-            sys.stdout.write("\r" + self.line().ljust(100) if sys.stdout.isatty() else self.line() + "\n")
+            sys.stdout.write("\r" + line.ljust(100) if sys.stdout.isatty() else line + "\n")
             sys.stdout.flush()
 
 
