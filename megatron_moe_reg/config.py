@@ -41,6 +41,13 @@ def router_option(default: Any, help: str, routers: tuple[str, ...], **meta: Any
     return _opt(default, help, routers=routers, **meta)
 
 
+def _largest(value: float | list[float] | None) -> float:
+    """A coefficient flag that Megatron-LM also accepts as a list (one per balancing type)."""
+    if isinstance(value, (list, tuple)):
+        return max(value, default=0.0)
+    return value or 0.0
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the plugin's checks need to know of the model and its parallel layout."""
@@ -54,6 +61,7 @@ class ModelShape:
     moe_shared_expert_intermediate_size: int | None
     moe_router_score_function: str
     moe_z_loss_coeff: float | None
+    moe_aux_loss_coeff: float  # the largest of Megatron-LM's per-type coefficients
     moe_grouped_gemm: bool
     swiglu: bool
     add_bias_linear: bool
@@ -79,6 +87,7 @@ class ModelShape:
             expert_tensor_parallel_size=values["expert_tensor_parallel_size"] or tp,
             recompute_modules=tuple(values["recompute_modules"] or ()),
             moe_grouped_gemm=bool(values["moe_grouped_gemm"]),
+            moe_aux_loss_coeff=_largest(values["moe_aux_loss_coeff"]),
         )
         return cls(**shape)
 
@@ -160,6 +169,12 @@ class PluginConfig:
     moe_router_spectral_target: float | None = _opt(
         None, "use the hinge relu(sigma_max - c)^2 with this target c instead of sigma_max^2"
     )
+    moe_router_exact_score_normalization: bool = _opt(
+        False,
+        "normalize sigmoid / sqrtsoftplus scores for Megatron's load-balancing losses in log space, "
+        "without the 1e-20 epsilon that lets a router lower the loss by shrinking all its scores "
+        "(Megatron-LM #1545)",
+    )
     moe_router_stable_rank_coeff: float = coefficient(
         0.0, "lambda_sr of the stable-rank penalty 1/srank(W) = sigma_max^2/||W||_F^2 (SR-MoE; inferred form)"
     )
@@ -200,7 +215,12 @@ class PluginConfig:
     @property
     def any_enabled(self) -> bool:
         """Whether the plugin's modules are needed at all (losses, routers or measurements)."""
-        return self.any_loss or self.moe_reg_measure or self.moe_router_type != "topk"
+        return (
+            self.any_loss
+            or self.moe_reg_measure
+            or self.moe_router_type != "topk"
+            or self.moe_router_exact_score_normalization
+        )
 
     def validate(self, shape: ModelShape | None = None) -> None:
         """Check the plugin options against each other and against the model. Raises ConfigError."""
@@ -236,6 +256,8 @@ class PluginConfig:
             return
         self._validate_router_against(shape)
         self._validate_experts_backend(shape)
+        if self.moe_router_exact_score_normalization:
+            self._validate_exact_scores(shape)
         if self.moe_metrics_interval and shape.num_experts < 2:
             raise ConfigError("--moe-metrics-interval compares pairs of experts; it needs --num-experts >= 2")
         if self.moe_weight_orthogonality_coeff > 0 and shape.num_experts < 2:
@@ -264,6 +286,20 @@ class PluginConfig:
             self._validate_gram_kernel()
         if self.moe_specialization_include_shared_experts:
             self._validate_shared_experts(shape)
+
+    @staticmethod
+    def _validate_exact_scores(shape: ModelShape) -> None:
+        flag = "--moe-router-exact-score-normalization"
+        if shape.moe_router_score_function == "softmax":
+            raise ConfigError(
+                f"{flag} changes sigmoid and sqrtsoftplus scores; softmax scores need no normalization "
+                "(set --moe-router-score-function sigmoid, or drop the flag)"
+            )
+        if shape.moe_aux_loss_coeff <= 0:
+            raise ConfigError(
+                f"{flag} changes the scores of the load-balancing losses, which are off "
+                "(--moe-aux-loss-coeff 0); set a coefficient or drop the flag"
+            )
 
     def _validate_gram_kernel(self) -> None:
         import importlib.util

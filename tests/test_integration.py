@@ -18,7 +18,8 @@ def test_every_patch_row_is_documented_and_finds_its_target():
     and so resolved, by tests/test_megatron_lm_loop.py with MEGATRON_LM_PATH.)"""
     assert cpu_runtime.activate() is (not torch.cuda.is_available())
     for patch in patches.PATCHES:
-        scopes = ("cpu", "megatron-core", "megatron-lm", "megatron-lm-cpu", "training", "data", "compat", "checkpoint")
+        scopes = ("cpu", "megatron-core", "megatron-lm", "megatron-lm-cpu", "training", "routing", "data",
+                  "compat", "checkpoint")
         assert patch.reason and patch.versions and patch.scope in scopes, patch.key
         assert patch.kind in ("replace", "define", "mutate") and patch.source in patches.SOURCES, patch.key
     sources = ["megatron-core"]

@@ -15,33 +15,19 @@ TopK_l(i) the experts token i is routed to at layer l,
 s is the full distribution (softmax over the E logits, as Megatron's aux-loss scores), not the
 renormalized top-k probabilities, whose top-k mass is always 1. For sigmoid and sqrtsoftplus
 score functions s is the scores divided by their sum over the E experts (the normalization of
-Megatron's ``compute_routing_scores_for_aux_loss``; inferred). Gradients reach both layers'
-routers. All math is in fp32 (fp64 inputs stay fp64).
+Megatron's ``compute_routing_scores_for_aux_loss``, done in log space:
+``losses.routing_scores``; inferred). Gradients reach both layers' routers. All math is in fp32
+(fp64 inputs stay fp64).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatron_moe_reg.losses.specialization import at_least_fp32, masked_mean
 
 VARIANTS = ("product", "log")
 TINY = 1e-20
-
-
-def routing_distribution(logits_TE: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:
-    """The full routing distribution s over all experts for a router score function (fp32)."""
-    logits = at_least_fp32(logits_TE)
-    if score_function == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if score_function == "sigmoid":
-        scores = torch.sigmoid(logits)
-    elif score_function == "sqrtsoftplus":
-        scores = torch.sqrt(F.softplus(logits))
-    else:
-        raise ValueError(f"unknown score function {score_function!r}")
-    return scores / (scores.sum(dim=-1, keepdim=True) + TINY)
 
 
 def topk_mass(scores_TE: torch.Tensor, topk: int, routing_map_TE: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from megatron_moe_reg.metrics.pathways import (
 )
 from megatron_moe_reg.metrics.predictability import average_ranks, load_agreement, topk_overlap
 from megatron_moe_reg.metrics.routing import (
+    aux_score_mass_lost,
     load_entropy,
     load_statistics,
     percentiles,
@@ -30,6 +31,7 @@ from megatron_moe_reg.metrics.routing import (
 __all__ = [
     "activation_mso",
     "average_ranks",
+    "aux_score_mass_lost",
     "coactivation_overlap",
     "joint_counts",
     "load_agreement",

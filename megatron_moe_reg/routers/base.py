@@ -9,7 +9,11 @@ any score function, expert bias, group-limited routing, capacity, aux losses), t
   conditioning of ``penalty_matrix()``; orthonormality error for eigenbasis routers) and the
   routing entropy on measured steps, and adds every step's expert load to the installed
   ``RoutingStats``;
-- lets the installed observers (the coupling loss) attach their losses.
+- lets the installed observers (the coupling loss) attach their losses;
+- with ``--moe-router-exact-score-normalization``, gives Megatron's load-balancing losses sigmoid /
+  sqrtsoftplus scores normalized in log space (``integration.megatron.aux_loss.exact_aux_loss_scores``),
+  and with any non-softmax score function records on measured steps the share of the score mass
+  that Megatron's s / (Σs + 1e-20) drops (``metrics.routing.aux_score_mass_lost``).
 
 σ_max for penalties and the spectral router comes from power iteration with persistent
 ``power_u``/``power_v`` buffers (fp32, checkpointed), advanced once per optimizer step (the
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss
+from megatron_moe_reg.integration.megatron import patches
+from megatron_moe_reg.integration.megatron.aux_loss import attach_local_mean_loss, exact_aux_loss_scores
 from megatron_moe_reg.integration.megatron.norms import mark_sequence_parallel
 from megatron_moe_reg.losses.router_penalties import (
     sigma_from_vectors,
@@ -36,7 +41,7 @@ from megatron_moe_reg.losses.router_penalties import (
     top_singular_vectors,
 )
 from megatron_moe_reg.metrics.geometry import geometry_tensors
-from megatron_moe_reg.metrics.routing import router_distribution, routing_entropy
+from megatron_moe_reg.metrics.routing import aux_score_mass_lost, router_distribution, routing_entropy
 
 
 @dataclass
@@ -147,7 +152,11 @@ class PluginRouterMixin(_RouterBase):
 
     # -------------------------------------------------------------- routing
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if getattr(self.plugin, "moe_router_exact_score_normalization", False):
+            with patches.replaced("routing.aux-loss-scores", exact_aux_loss_scores):
+                probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        else:
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training:
             flat_mask = None if padding_mask is None else padding_mask.reshape(-1)
             self.moe_reg_last_routing = RoutingRecord(routing_map, flat_mask)
@@ -189,10 +198,20 @@ class PluginRouterMixin(_RouterBase):
         self.moe_reg_stats.add(self.layer_number, routing.routing_map, keep)
         if self.moe_reg_measure and self.tracker is not None:
             scores = logits.detach().reshape(-1, self.config.num_moe_experts)
-            entropy = routing_entropy(router_distribution(scores, self.config.moe_router_score_function), keep)
+            score_function = self.config.moe_router_score_function
+            entropy = routing_entropy(router_distribution(scores, score_function), keep)
             self.tracker.record(
                 "routing_entropy", entropy, self.layer_number, self.config.num_layers, avg_group=self.tp_cp_group
             )
+            if score_function != "softmax":
+                lost = aux_score_mass_lost(scores, score_function, keep)
+                self.tracker.record(
+                    "aux_loss_score_mass_lost",
+                    lost,
+                    self.layer_number,
+                    self.config.num_layers,
+                    avg_group=self.tp_cp_group,
+                )
 
     def _record_geometry(self) -> None:
         """The exact router geometry (and basis orthonormality error) once per measured step."""

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_moe_reg.losses.routing_scores import routing_distribution
+
 
 def local_mean_scale(
     coeff: float, tp_cp_size: int, calculate_per_token_loss: bool, num_local_tokens: int | torch.Tensor
@@ -79,3 +81,24 @@ def attach_to_experts_output(
         num_local_tokens=num_local_tokens,
     )
     return out, bias
+
+
+def exact_aux_loss_scores(original: Any) -> Any:
+    """A replacement for megatron-core's ``compute_routing_scores_for_aux_loss`` that normalizes
+    sigmoid and sqrtsoftplus scores in log space (``losses.routing_scores``: no 1e-20 epsilon, so
+    the load-balancing losses cannot be lowered by shrinking every score; Megatron-LM #1545).
+    Softmax scores go to ``original``; the TE-fused path (``fused``) is replaced too. The routing
+    map is the top-k of the scores, zeroed with the scores at padding, as in megatron-core."""
+
+    def scores_for_aux_loss(logits, topk, score_function, fused=False, padding_mask=None):
+        if score_function == "softmax":
+            return original(logits, topk, score_function, fused=fused, padding_mask=padding_mask)
+        scores = routing_distribution(logits, score_function).float()
+        top = torch.topk(scores, k=topk, dim=1).indices
+        routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, True)
+        if padding_mask is not None:
+            valid = ~padding_mask.reshape(-1, 1).to(torch.bool)
+            routing_map, scores = routing_map & valid, scores * valid
+        return routing_map, scores
+
+    return scores_for_aux_loss

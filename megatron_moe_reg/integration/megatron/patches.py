@@ -11,6 +11,7 @@ why it is needed, and when it is applied (``scope``):
 - ``megatron-lm``: while the add-on runs Megatron-LM's ``pretrain`` (``replaced``), restored after;
 - ``megatron-lm-cpu``: Megatron-LM's initialize path without CUDA, while the add-on runs it on a CPU;
 - ``training``: while ``moe-reg pretrain``'s optimizer step runs (``replaced``), restored after;
+- ``routing``: while a plugin router's ``routing`` runs, when its flag is on (``replaced``);
 - ``data``: while the datasets are built;
 - ``compat``: Megatron state that ``compat`` edits in place when it reports;
 - ``checkpoint``: before a process's first torch_dist save, by either driver
@@ -48,8 +49,8 @@ class Patch:
     target: str  # "module:attribute.path"
     versions: str  # megatron-core minor versions, "0.16" or "0.16-0.19"
     reason: str
-    scope: str  # "cpu" | "megatron-core" | "megatron-lm" | "megatron-lm-cpu" | "training" | "data" | "compat"
-    #             | "checkpoint"
+    scope: str  # "cpu" | "megatron-core" | "megatron-lm" | "megatron-lm-cpu" | "training" | "routing" | "data"
+    #             | "compat" | "checkpoint"
     make: Callable[[Any], Any] | None = None  # original -> replacement (cpu rows); None: given at apply time
     kind: str = "replace"  # "replace" | "define" | "mutate"
     source: str = "megatron-core"
@@ -362,6 +363,17 @@ PATCHES: tuple[Patch, ...] = (
         "clips and updates; a non-finite norm stops the step there, before the update "
         "(--check-for-nan-in-loss-and-grad, while moe-reg pretrain's step runs)",
         "training",
+    ),
+    # ---------------------------------------------------------------- a plugin router's routing
+    Patch(
+        "routing.aux-loss-scores",
+        "megatron.core.transformer.moe.router:compute_routing_scores_for_aux_loss",
+        "0.16-0.19",
+        "TopKRouter.routing normalizes sigmoid / sqrtsoftplus scores for the load-balancing losses as "
+        "s / (sum + 1e-20), which a router can defeat by shrinking every score (Megatron-LM #1545); "
+        "with --moe-router-exact-score-normalization the division is done in log space "
+        "(aux_loss.exact_aux_loss_scores, while a plugin router's routing runs)",
+        "routing",
     ),
     # ---------------------------------------------------------------- data
     Patch(

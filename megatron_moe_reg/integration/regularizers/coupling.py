@@ -36,7 +36,8 @@ from torch.profiler import record_function
 from megatron_moe_reg.config import moe_layer_pattern
 from megatron_moe_reg.integration.megatron.aux_loss import aux_loss_backward_scale, local_mean_scale
 from megatron_moe_reg.integration.regularizers.base import InstallContext, RegularizerBase, StepPlan
-from megatron_moe_reg.losses.coupling import coupling_from_masses, routing_distribution, topk_mass
+from megatron_moe_reg.losses.coupling import coupling_from_masses, topk_mass
+from megatron_moe_reg.losses.routing_scores import routing_distribution
 from megatron_moe_reg.losses.specialization import masked_mean
 
 _TAG_FORWARD, _TAG_BACKWARD = 7301, 7302

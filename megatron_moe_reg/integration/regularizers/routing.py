@@ -9,7 +9,9 @@ tokens). The statistics (``metrics.load_statistics_tensors``) are then computed 
 global counts, so they equal the single-process values for any DP/TP/EP/PP layout.
 
 Routing entropy (``metrics.routing_entropy``) is recorded through the plugin tracker on measured
-steps, a local token mean averaged like Megatron's z-loss (TP x CP, then DP); so is the router
+steps, a local token mean averaged like Megatron's z-loss (TP x CP, then DP), and so, for sigmoid
+and sqrtsoftplus scores, is the share of their mass that Megatron's aux-loss normalization drops
+(``aux_loss_score_mass_lost``, ``metrics.aux_score_mass_lost``); so is the router
 geometry (σ_max, stable rank, row orthogonality, conditioning, basis orthonormality;
 ``metrics.geometry``, recorded by ``routers.base``), once per measured step and router.
 """
@@ -82,8 +84,8 @@ GEOMETRY = (
 class RoutingMetrics(RegularizerBase):
     """Routing entropy, router geometry (recorded by the plugin routers) and expert load statistics."""
 
-    def __init__(self, stats: RoutingStats, plugin: PluginConfig):
-        self.stats, self.plugin = stats, plugin
+    def __init__(self, stats: RoutingStats, plugin: PluginConfig, score_function: str = "softmax"):
+        self.stats, self.plugin, self.score_function = stats, plugin, score_function
         self.measure = False
 
     def begin_step(self, plan: StepPlan) -> None:
@@ -93,6 +95,8 @@ class RoutingMetrics(RegularizerBase):
         if not plan.measure:
             return []
         names = ["routing_entropy", *GEOMETRY]
+        if self.score_function != "softmax":
+            names.append("aux_loss_score_mass_lost")
         if self.plugin.moe_router_type in ("ermoe", "emoe"):
             names.append("router_basis_orthonormality_error")
         if self.plugin.moe_router_type == "ermoe" and self.plugin.moe_eigen_threshold is not None:
@@ -109,4 +113,4 @@ def build(ctx: InstallContext) -> RoutingMetrics | None:
     stats = RoutingStats(ctx.num_layers, ctx.config.num_moe_experts, ctx.config.sequence_parallel)
     for layer in ctx.layers:
         layer.router.moe_reg_stats = stats
-    return RoutingMetrics(stats, ctx.plugin)
+    return RoutingMetrics(stats, ctx.plugin, ctx.config.moe_router_score_function)
