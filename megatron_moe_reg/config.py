@@ -24,6 +24,7 @@ from megatron_moe_reg.flags import reject_non_finite
 
 COUPLING_VARIANTS = ("product", "log")
 ROUTER_TYPES = ("topk", "spectral", "prototype", "ermoe", "emoe")
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")  # Megatron's --moe-router-score-function
 EIGEN_GATES = ("normalized", "softmax")
 ORTHOGONALITY_WEIGHTS = ("fc1", "fc2")
 GRAM_KERNELS = ("auto", "torch", "triton")  # R_sp's per-token Gram (losses.specialization_rows)

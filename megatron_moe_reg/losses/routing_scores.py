@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_moe_reg.config import SCORE_FUNCTIONS
 from megatron_moe_reg.losses.specialization import at_least_fp32
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 MEGATRON_NORMALIZER_EPS = 1e-20  # Megatron's s / (Σs + 1e-20), moe_utils 0.16-0.19
 _LOG_SOFTPLUS_SWITCH = -15.0  # below it, log softplus(z) = z - e^z/2 + O(e^{2z})
 

@@ -24,6 +24,7 @@ Routers that need no σ keep exactly Megatron's state dict.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -152,10 +153,8 @@ class PluginRouterMixin(_RouterBase):
 
     # -------------------------------------------------------------- routing
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        if getattr(self.plugin, "moe_router_exact_score_normalization", False):
-            with patches.replaced("routing.aux-loss-scores", exact_aux_loss_scores):
-                probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        else:
+        exact_scores = getattr(self.plugin, "moe_router_exact_score_normalization", False)
+        with patches.replaced("routing.aux-loss-scores", exact_aux_loss_scores) if exact_scores else nullcontext():
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training:
             flat_mask = None if padding_mask is None else padding_mask.reshape(-1)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_moe_reg import flags
-from megatron_moe_reg.config import ModelShape, PluginConfig
+from megatron_moe_reg.config import SCORE_FUNCTIONS, ModelShape, PluginConfig
 from megatron_moe_reg.errors import ConfigError
 from megatron_moe_reg.flags import opt
 from megatron_moe_reg.training.routing_trace import check_trace_options
@@ -17,7 +17,6 @@ from megatron_moe_reg.training.routing_trace import check_trace_options
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "relative", "none")
 TRANSFORMER_IMPLS = ("local", "transformer_engine", "inference_optimized")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none")
-SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 DISPATCHERS = ("allgather", "alltoall", "flex")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 TOKENIZERS = (

@@ -84,7 +84,7 @@ GEOMETRY = (
 class RoutingMetrics(RegularizerBase):
     """Routing entropy, router geometry (recorded by the plugin routers) and expert load statistics."""
 
-    def __init__(self, stats: RoutingStats, plugin: PluginConfig, score_function: str = "softmax"):
+    def __init__(self, stats: RoutingStats, plugin: PluginConfig, score_function: str):
         self.stats, self.plugin, self.score_function = stats, plugin, score_function
         self.measure = False
 
