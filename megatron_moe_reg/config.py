@@ -25,6 +25,7 @@ from megatron_moe_reg.flags import reject_non_finite
 COUPLING_VARIANTS = ("product", "log")
 ROUTER_TYPES = ("topk", "spectral", "prototype", "ermoe", "emoe")
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")  # Megatron's --moe-router-score-function
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")  # balancing types with a loss on the scores
 EIGEN_GATES = ("normalized", "softmax")
 ORTHOGONALITY_WEIGHTS = ("fc1", "fc2")
 GRAM_KERNELS = ("auto", "torch", "triton")  # R_sp's per-token Gram (losses.specialization_rows)
@@ -49,6 +50,10 @@ def _largest(value: float | list[float] | None) -> float:
     return value or 0.0
 
 
+def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the plugin's checks need to know of the model and its parallel layout."""
@@ -63,6 +68,7 @@ class ModelShape:
     moe_router_score_function: str
     moe_z_loss_coeff: float | None
     moe_aux_loss_coeff: float  # the largest of Megatron-LM's per-type coefficients
+    moe_router_load_balancing_type: tuple[str, ...]  # one or more (Megatron-LM takes a list)
     moe_grouped_gemm: bool
     swiglu: bool
     add_bias_linear: bool
@@ -89,6 +95,7 @@ class ModelShape:
             recompute_modules=tuple(values["recompute_modules"] or ()),
             moe_grouped_gemm=bool(values["moe_grouped_gemm"]),
             moe_aux_loss_coeff=_largest(values["moe_aux_loss_coeff"]),
+            moe_router_load_balancing_type=_as_tuple(values["moe_router_load_balancing_type"]),
         )
         return cls(**shape)
 
@@ -300,6 +307,12 @@ class PluginConfig:
             raise ConfigError(
                 f"{flag} changes the scores of the load-balancing losses, which are off "
                 "(--moe-aux-loss-coeff 0); set a coefficient or drop the flag"
+            )
+        if not set(shape.moe_router_load_balancing_type) & set(AUX_LOSS_TYPES):
+            raise ConfigError(
+                f"{flag} changes the scores of the load-balancing losses, which "
+                f"--moe-router-load-balancing-type {' '.join(shape.moe_router_load_balancing_type)} does not use; "
+                f"choose one of {', '.join(AUX_LOSS_TYPES)}, or drop the flag"
             )
 
     def _validate_gram_kernel(self) -> None:

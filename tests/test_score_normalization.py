@@ -126,6 +126,8 @@ def test_the_replacement_is_restored_after_each_routing_call(groups):
     (["--moe-aux-loss-coeff", "1e-2"], "--moe-router-exact-score-normalization changes sigmoid and sqrtsoftplus"),
     (["--moe-router-score-function", "sigmoid", "--moe-aux-loss-coeff", "0"],
      "the load-balancing losses, which are off (--moe-aux-loss-coeff 0)"),
+    (["--moe-router-score-function", "sigmoid", "--moe-aux-loss-coeff", "1e-2", "--moe-router-load-balancing-type",
+      "none"], "--moe-router-load-balancing-type none does not use; choose one of aux_loss, seq_aux_loss"),
 ])
 def test_the_flag_refuses_runs_where_it_would_do_nothing(argv, message):
     with pytest.raises(ConfigError) as info:
